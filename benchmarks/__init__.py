@@ -1,0 +1,1 @@
+"""Reproducible measurements behind RESULTS.md: `python -m benchmarks [quality|speed|all] [--quick]`."""

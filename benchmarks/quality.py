@@ -1,0 +1,95 @@
+"""Quality retention of every pruning method against the dense model, at several ratios and experts.
+
+One scoring pass over all built-in corpora serves every method, setting and ratio. For each expert we
+measure on held-out text only (the `eval` parts, never used for scoring): expert perplexity (the expert's
+own categories), multiple-choice accuracy (its domain/task items), general perplexity (a category the
+expert does not cover), retention against dense, and the achieved parameter ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from cusprun_edge import load_model
+from cusprun_edge.corpora import ExpertSpec, all_builtin_corpora, builtin_corpus
+from cusprun_edge.evaluate import mc_accuracy, perplexity, torch_logits_fn
+from cusprun_edge.methods import METHODS
+from cusprun_edge.prune import prune_model
+from cusprun_edge.score import score_model
+from cusprun_edge.structure import structure_of
+
+from .common import machine, write_json
+
+SETTINGS = {
+    "code": "domain=code",
+    "fr+medical": "language=fr,domain=medical",
+    "en+legal+qa": "language=en,domain=legal,task=qa",
+}
+RATIOS = [0.25, 0.35, 0.45]
+
+
+def _eval_sets(spec: ExpertSpec):
+    corpora = spec.corpora()
+    texts = [t for c in corpora.values() for t in c.eval]
+    mc = [item for c in corpora.values() for item in c.mc]
+    general_name = "domain/general" if "domain/general" not in corpora else "language/de"
+    general = builtin_corpus(*general_name.split("/")).eval
+    return list(corpora), texts, mc, general_name, general
+
+
+def _measure(model, tok, texts, mc, general) -> dict:
+    fn = torch_logits_fn(model)
+    out = {"expert_ppl": perplexity(fn, tok, texts), "general_ppl": perplexity(fn, tok, general)}
+    if mc:
+        out["mc_acc"] = mc_accuracy(fn, tok, mc)
+    return out
+
+
+def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
+    torch.manual_seed(0)
+    settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
+    ratios = [0.25] if quick else RATIOS
+    methods = ["cusprun", "wanda-sp", "flap"] if quick else list(METHODS)
+    model, tok = load_model(model_name)
+    t0 = time.time()
+    needed = {n for s in settings.values() for n in ExpertSpec.parse(s).corpora()}
+    corpora = {k: v for k, v in all_builtin_corpora().items() if k in needed}
+    scores = score_model(model, tok, corpora, show_progress=False)
+    score_seconds = time.time() - t0
+    rows = []
+    dense = {}
+    for name, expert in settings.items():
+        spec = ExpertSpec.parse(expert)
+        names, texts, mc, general_name, general = _eval_sets(spec)
+        dense[name] = _measure(model, tok, texts, mc, general) | {"general_corpus": general_name}
+        print(f"[quality] {name} dense {dense[name]}", flush=True)
+        for ratio in ratios:
+            for method in methods:
+                m = copy.deepcopy(model)
+                t = time.time()
+                rec = prune_model(m, scores, names, method, ratio)
+                q = _measure(m, tok, texts, mc, general)
+                d = dense[name]
+                row = {
+                    "setting": name, "expert": expert, "method": method, "target_ratio": ratio,
+                    "achieved_ratio": round(rec["achieved_ratio"], 4), **{k: round(v, 4) for k, v in q.items()},
+                    "ppl_retention": round(d["expert_ppl"] / q["expert_ppl"], 4),
+                    "general_ppl_retention": round(d["general_ppl"] / q["general_ppl"], 4),
+                    "params": rec["params_after"]["total"], "seconds": round(time.time() - t, 1),
+                    "ffn_widths": structure_of(m).intermediate_sizes,
+                }
+                if "mc_acc" in q and d.get("mc_acc"):
+                    row["acc_retention"] = round(q["mc_acc"] / d["mc_acc"], 4)
+                rows.append(row)
+                print(f"[quality] {name} r={ratio} {method}: ppl {q['expert_ppl']:.2f} "
+                      f"general {q['general_ppl']:.2f} acc {q.get('mc_acc', float('nan')):.3f}", flush=True)
+                del m
+    payload = {
+        "benchmark": "quality", "quick": quick, "model": model_name, "machine": machine(),
+        "scoring_seconds": round(score_seconds, 1), "dense": dense, "rows": rows,
+    }
+    write_json("quality-quick.json" if quick else "quality.json", payload)
+    return payload

@@ -1,0 +1,315 @@
+"""The `cusprun-edge` command line: a thin layer over the stage functions.
+
+Bad input raises UserError anywhere below; `main` prints it as one line on stderr and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Prune a general causal LLM into a small expert (Cus-Prun) and compile it to ONNX for an edge target.",
+)
+
+MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Embedded name, local HF dir, .gguf file, expert dir or hub id.")
+EXPERT = typer.Option("language=en,domain=general", "--expert", "-e",
+                      help="Expert dimensions, e.g. language=fr,domain=medical,task=qa (a value may be a path to your data).")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow model code from the model's repository to run.")
+PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle checkpoints (.bin/.pt): only for sources you trust.")
+FORCE = typer.Option(False, "--force", help="Replace the output if it exists.")
+
+
+def _options(items: list[str]) -> dict:
+    """KEY=VALUE pairs for a method's recipe; values parse as JSON when they can (0.9, true, "x")."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--option '{item}' is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _load(model: str, trust_remote_code: bool, allow_pickle: bool):
+    from .models import load_model
+
+    return load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+@app.command()
+def models():
+    """List the embedded models, whether each is installed, and its conversion cache."""
+    from rich.table import Table
+
+    from .models import EMBEDDED, DEFAULT_MODEL, cache_state
+
+    table = Table(title="Embedded models")
+    for col in ("name", "model", "package", "installed", "cache"):
+        table.add_column(col, overflow="fold")
+    for name, entry in EMBEDDED.items():
+        table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), entry.description, entry.package,
+                      "yes" if entry.installed() else "no", cache_state(name))
+    _console().print(table)
+
+
+@app.command()
+def targets():
+    """List the target profiles (built-in; pass a .toml path to --target for your own)."""
+    from rich.table import Table
+
+    from .targets import list_targets
+
+    table = Table(title="Target profiles")
+    for col in ("name", "description", "providers", "precision", "opset", "max seq", "memory MB"):
+        table.add_column(col)
+    for t in list_targets():
+        table.add_row(t.name, t.description, ", ".join(t.provider_names()), t.precision, str(t.opset),
+                      str(t.max_seq_len), str(t.memory_budget_mb))
+    _console().print(table)
+
+
+@app.command()
+def score(
+    model: str = MODEL,
+    expert: str = EXPERT,
+    all_corpora: bool = typer.Option(False, "--all", help="Score every built-in corpus (serves any expert later)."),
+    out: Path = typer.Option(Path("scores.safetensors"), "--out", "-o"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int = typer.Option(512, "--max-length"),
+    trust_remote_code: bool = TRUST,
+    allow_pickle: bool = PICKLE,
+):
+    """Score every prunable unit on the expert's calibration corpora (one pass serves every method)."""
+    from .corpora import ExpertSpec, all_builtin_corpora
+    from .score import score_model
+
+    corpora = all_builtin_corpora() if all_corpora else ExpertSpec.parse(expert).corpora()
+    m, tok = _load(model, trust_remote_code, allow_pickle)
+    m.to(device)
+    scores = score_model(m, tok, corpora, batch_size=batch_size, max_length=max_length)
+    scores.save(out)
+    typer.echo(f"scored {len(corpora)} corpora in {scores.meta['seconds']:.1f} s -> {out}")
+
+
+@app.command()
+def prune(
+    model: str = MODEL,
+    expert: str = EXPERT,
+    method: str = typer.Option("cusprun", "--method", help="cusprun, wanda-sp, flap, seap, magnitude, random, shortgpt."),
+    ratio: float = typer.Option(0.25, "--ratio", help="Fraction of non-embedding parameters to remove, in (0, 0.9]."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Score file from `score` (scored now if absent)."),
+    option: list[str] = typer.Option([], "--option", help="Method recipe override KEY=VALUE (e.g. tau=1.0)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Expert directory to write."),
+    force: bool = FORCE,
+    trust_remote_code: bool = TRUST,
+    allow_pickle: bool = PICKLE,
+):
+    """Remove units for real and save the expert as a Hugging Face directory."""
+    from .corpora import ExpertSpec
+    from .methods import get_method
+    from .prune import prune_and_save
+    from .score import ScoreSet, score_model
+
+    if not 0 < ratio <= 0.9:
+        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    spec = get_method(method)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force")
+    corpora = ExpertSpec.parse(expert).corpora()
+    m, tok = _load(model, trust_remote_code, allow_pickle)
+    score_set = None
+    if spec.needs_data:
+        score_set = ScoreSet.load(scores) if scores else score_model(m, tok, corpora)
+    rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=_options(option),
+                         extra={"expert": expert, "base_model": model}, force=force)
+    typer.echo(f"pruned {rec['achieved_ratio']:.2%} of prunable parameters with {method} "
+               f"({rec['params_before']['total']:,} -> {rec['params_after']['total']:,} params) -> {out}")
+
+
+@app.command()
+def export(
+    model: str = MODEL,
+    target: str = typer.Option("x86-cpu", "--target", "-t", help="Profile name or path to a profile .toml."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, int4 (default: the target's)."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    force: bool = FORCE,
+    trust_remote_code: bool = TRUST,
+    allow_pickle: bool = PICKLE,
+):
+    """Compile a model or expert to ONNX artifacts for a target, with a parity gate and manifest."""
+    from .export import export_model
+    from .targets import resolve_target
+
+    profile = resolve_target(target)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force")
+    m, tok = _load(model, trust_remote_code, allow_pickle)
+    manifest = export_model(m, tok, profile, out, precision=precision, force=force)
+    typer.echo(f"exported {manifest.get('precision')} for {profile.name} -> {out}")
+
+
+@app.command()
+def build(
+    target: str = typer.Option("x86-cpu", "--target", "-t"),
+    model: str = MODEL,
+    expert: str = EXPERT,
+    ratio: float = typer.Option(0.25, "--ratio"),
+    method: str = typer.Option("cusprun", "--method"),
+    precision: Optional[str] = typer.Option(None, "--precision"),
+    option: list[str] = typer.Option([], "--option"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    out: Path = typer.Option(Path("build/expert"), "--out", "-o"),
+    trust_remote_code: bool = TRUST,
+    allow_pickle: bool = PICKLE,
+):
+    """Run load, score, prune, export, validate, bench and report; finished stages are skipped."""
+    from .corpora import ExpertSpec
+    from .methods import get_method
+    from .pipeline import BuildConfig, build as run_build
+    from .targets import resolve_target
+
+    if not 0 < ratio <= 0.9:
+        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    get_method(method)
+    ExpertSpec.parse(expert).corpora()
+    resolve_target(target)  # fail on a bad target before any slow stage
+    cfg = BuildConfig(target=target, model=model, expert=expert, ratio=ratio, method=method, precision=precision,
+                      method_options=_options(option), threads=threads, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle)
+    console = _console()
+    run_build(cfg, out, on_stage=lambda name, state: console.print(f"[bold]{name}[/bold]: {state}"))
+    report = out / "report" / "report.html"
+    console.print(f"build complete: {out}" + (f"\nreport: {report}" if report.exists() else ""))
+
+
+@app.command()
+def validate(
+    dense: str = typer.Option(..., "--dense", help="The dense model (embedded name, .gguf, HF directory)."),
+    expert_artifact: Path = typer.Option(..., "--expert-artifact", help="The expert's export directory (manifest.json)."),
+    text: list[Path] = typer.Option([], "--text", help="Extra held-out text (blank-line separated documents); repeatable."),
+    expert: Optional[str] = typer.Option(None, "--expert", "-e",
+                                         help="Expert spec whose eval corpora to use (default: recorded in the export)."),
+    dense_artifact: Optional[Path] = typer.Option(None, "--dense-artifact",
+                                                  help="Run the dense model from its own export instead of PyTorch."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="At most this many documents per category."),
+    max_length: int = typer.Option(512, "--max-length"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    out: Path = typer.Option(Path("validate.json"), "--out", "-o"),
+    trust_remote_code: bool = TRUST,
+    allow_pickle: bool = PICKLE,
+):
+    """Dense vs expert on held-out text: perplexity, accuracy, agreement, KL and retention per category."""
+    from rich.table import Table
+
+    from .validate import validate as run_validate
+
+    record = run_validate(dense, expert_artifact, texts=text, expert=expert, dense_artifact=dense_artifact,
+                          out=out, threads=threads, max_docs=max_docs, max_length=max_length,
+                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    table = Table(title="Held-out quality: dense vs expert")
+    for col in ("category", "dense ppl", "expert ppl", "ppl retention", "dense acc", "expert acc",
+                "acc retention", "top-1 agree", "KL"):
+        table.add_column(col)
+
+    def f(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    for name, r in [*record["categories"].items(), ("overall", record["overall"])]:
+        table.add_row(name, f(r["dense"].get("ppl")), f(r["expert"].get("ppl")), f(r["retention"].get("ppl")),
+                      f(r["dense"].get("acc")), f(r["expert"].get("acc")), f(r["retention"].get("acc")),
+                      f(r.get("top1_agreement")), f(r.get("kl")))
+    _console().print(table)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def bench(
+    artifact: list[Path] = typer.Option(..., "--artifact", help="Export directory; repeat to compare (dense and expert)."),
+    providers: Optional[str] = typer.Option(None, "--providers",
+                                            help="Comma-separated: cpu,cuda,tensorrt,... (default: the target's; CPU always)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Take the providers from this target profile."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the target's)."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter prompts, fewer tokens and repetitions."),
+    out: Path = typer.Option(Path("bench.json"), "--out", "-o"),
+):
+    """Latency, tokens/s, peak memory and size of exported artifacts, side by side, per execution provider."""
+    from rich.table import Table
+
+    from .bench import bench as run_bench, summary_rows
+
+    names = [p for p in (providers or "").split(",") if p.strip()] or None
+    record = run_bench(artifact, providers=names, target=target, threads=threads, quick=quick, out=out)
+    table = Table(title="Benchmark (p50 after warm-up)")
+    for col in ("provider", "artifact", "prefill ms by prompt", "decode ms/tok p50/p90", "tok/s", "peak MB",
+                "session s", "MB on disk"):
+        table.add_column(col, overflow="fold")
+    for row in summary_rows(record):
+        if row["status"] != "measured":
+            table.add_row(row["provider"], row["artifact"], row["status"])
+            continue
+        table.add_row(row["provider"].replace("ExecutionProvider", ""), row["artifact"],
+                      ", ".join(f"{n}: {v:.1f}" for n, v in row["prefill_ms"].items()),
+                      f"{row['decode_ms']:.2f} / {row['decode_p90_ms']:.2f}", f"{row['decode_tok_s']:.1f}",
+                      f"{row['peak_rss_mb']:.0f}", f"{row['session_s']:.2f}", f"{row['file_bytes'] / 2**20:.1f}")
+    _console().print(table)
+    for provider, ratios in record["speedup"].items():
+        for label, s in ratios.items():
+            if "decode" in s:
+                typer.echo(f"{label} vs {record['baseline']} on {provider}: decode {s['decode']:.2f}x")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def report(
+    build_dir: Path = typer.Argument(..., help="A build directory (`cusprun-edge build --out`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default BUILD_DIR/report)."),
+    compare: list[Path] = typer.Option([], "--compare", help="Other build directories for quality vs ratio."),
+):
+    """Write report.json, report.md and a self-contained report.html for a build."""
+    from .report import report as run_report
+
+    data = run_report(build_dir, out=out, compare=compare)
+    where = out or build_dir / "report"
+    typer.echo(f"wrote {where / 'report.json'}, {where / 'report.md'}, {where / 'report.html'} "
+               f"({len(data['plots'])} plots)")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        # usage errors of the (vendored) click arrive here in non-standalone mode: print them as one line
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

