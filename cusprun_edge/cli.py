@@ -91,7 +91,7 @@ def score(
     expert: str = EXPERT,
     all_corpora: bool = typer.Option(False, "--all", help="Score every built-in corpus (serves any expert later)."),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", "-o"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, or auto (accelerate device map)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(512, "--max-length"),
     trust_remote_code: bool = TRUST,
@@ -102,8 +102,9 @@ def score(
     from .score import score_model
 
     corpora = all_builtin_corpora() if all_corpora else ExpertSpec.parse(expert).corpora()
-    m, tok = _load(model, trust_remote_code, allow_pickle)
-    m.to(device)
+    from .models import load_model
+
+    m, tok = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     scores = score_model(m, tok, corpora, batch_size=batch_size, max_length=max_length)
     scores.save(out)
     typer.echo(f"scored {len(corpora)} corpora in {scores.meta['seconds']:.1f} s -> {out}")
@@ -117,6 +118,8 @@ def prune(
     ratio: float = typer.Option(0.25, "--ratio", help="Fraction of non-embedding parameters to remove, in (0, 0.9]."),
     scores: Optional[Path] = typer.Option(None, "--scores", help="Score file from `score` (scored now if absent)."),
     option: list[str] = typer.Option([], "--option", help="Method recipe override KEY=VALUE (e.g. tau=1.0)."),
+    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also drop vocabulary rows the expert's corpora never use."),
+    vocab_keep_top: int = typer.Option(8192, "--vocab-keep-top", help="With --prune-vocab: always keep the N lowest (most frequent) token ids."),
     out: Path = typer.Option(..., "--out", "-o", help="Expert directory to write."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST,
@@ -138,10 +141,13 @@ def prune(
     score_set = None
     if spec.needs_data:
         score_set = ScoreSet.load(scores) if scores else score_model(m, tok, corpora)
+    vocab_texts = [t for c in corpora.values() for t in c.calib] if prune_vocab else None
     rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=_options(option),
-                         extra={"expert": expert, "base_model": model}, force=force)
+                         extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
+                         vocab_keep_top=vocab_keep_top)
+    vocab = f", vocabulary {rec['vocab']['vocab_before']:,} -> {rec['vocab']['vocab_after']:,}" if prune_vocab else ""
     typer.echo(f"pruned {rec['achieved_ratio']:.2%} of prunable parameters with {method} "
-               f"({rec['params_before']['total']:,} -> {rec['params_after']['total']:,} params) -> {out}")
+               f"({rec['params_before']['total']:,} -> {rec['params_after']['total']:,} params{vocab}) -> {out}")
 
 
 @app.command()

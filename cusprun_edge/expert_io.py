@@ -13,6 +13,7 @@ import torch
 from . import arch
 from .errors import UserError
 from .structure import Structure, record_structure, shape_like
+from .vocab import shape_vocab_like
 
 EXPERT_MARKER = "cusprun.json"
 
@@ -26,7 +27,12 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        state = None
+        vocab = getattr(model.config, "cusprun_vocab", None)
+        if vocab and vocab["tied"]:  # transformers only knows the dense tie; save the shared matrix once
+            head_key = arch.spec_for(model).lm_head + ".inner.weight"
+            state = {k: v for k, v in model.state_dict().items() if k != head_key}
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPERT_MARKER).write_text(json.dumps(record, indent=2, default=str))
         if out.exists():
@@ -68,9 +74,17 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if raw:
         shape_like(model, Structure.from_dict(raw))
+    vocab = getattr(config, "cusprun_vocab", None)
+    if vocab:
+        shape_vocab_like(model, vocab)
     state = _read_state_dict(path)
     result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if vocab:
+        if vocab["tied"]:
+            spec = arch.spec_for(model)
+            arch.get(model, spec.lm_head).inner.weight = arch.get(model, spec.embed).inner.weight
+    else:
+        model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if result.unexpected_keys or still_meta:
         raise UserError(

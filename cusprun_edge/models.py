@@ -261,8 +261,10 @@ def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        # device="auto": accelerate's device map shards a big model over the GPUs (offloading if needed)
+        placement = {"device_map": "auto"} if device == "auto" else {}
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
+            where, dtype=dtype, use_safetensors=None if allow_pickle else True, **placement, **kwargs
         )
     except OSError as exc:
         if kind == "hub":
@@ -277,4 +279,4 @@ def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
-    return model.to(device), tok
+    return (model if device == "auto" else model.to(device)), tok

@@ -64,8 +64,16 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
 
 
 def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: Path, *, options=None,
-                   extra: dict | None = None, force: bool = False) -> dict:
+                   extra: dict | None = None, force: bool = False, vocab_texts: list[str] | None = None,
+                   vocab_keep_top: int = 8192) -> dict:
+    """Prune, optionally drop vocabulary rows unseen in `vocab_texts` (the expert's calibration text),
+    and save the expert."""
     record = prune_model(model, scores, corpus_names, method, ratio, options)
+    if vocab_texts is not None:
+        from .vocab import prune_vocab_for_corpora
+
+        record["vocab"] = prune_vocab_for_corpora(model, tokenizer, vocab_texts, keep_top=vocab_keep_top)
+        record["params_after"] = count_params(model)
     record.update({"tool": f"cusprun-edge {__version__}", "corpora": corpus_names, **(extra or {})})
     if scores is not None:
         record["scores"] = {"model_hash": scores.model_hash,
