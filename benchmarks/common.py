@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -12,35 +10,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
+    """The machine description shared with `cusprun-edge bench`, plus the date and flat versions."""
     import onnx
-    import onnxruntime
-    import torch
-    import transformers
 
-    try:
-        import onnxruntime_genai as og
+    from cusprun_edge.bench import machine as bench_machine
 
-        og_version = og.__version__
-    except Exception:  # pragma: no cover - reported, not fatal
-        og_version = None
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
+    m = bench_machine()
+    pkgs = m.get("packages", {})
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "onnxruntime_genai": og_version,
+        **m, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "onnx": onnx.__version__,
+        "torch": pkgs.get("torch"), "transformers": pkgs.get("transformers"),
+        "onnxruntime": pkgs.get("onnxruntime"), "onnxruntime_genai": pkgs.get("onnxruntime-genai"),
     }
 
 

@@ -3,7 +3,18 @@
 __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
-from .expert_io import load_expert  # noqa: E402
-from .models import load_model  # noqa: E402
 
 __all__ = ["UserError", "load_expert", "load_model", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: `cusprun-edge --help` and bad-input errors should not wait for torch to import.
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
+    if name == "load_expert":
+        from .expert_io import load_expert
+
+        return load_expert
+    raise AttributeError(name)

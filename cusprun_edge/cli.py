@@ -58,7 +58,7 @@ def models():
     """List the embedded models, whether each is installed, and its conversion cache."""
     from rich.table import Table
 
-    from .models import EMBEDDED, DEFAULT_MODEL, cache_state
+    from .models import DEFAULT_MODEL, EMBEDDED, cache_state
 
     table = Table(title="Embedded models")
     for col in ("name", "model", "package", "installed", "cache"):
@@ -77,11 +77,13 @@ def targets():
     from .targets import list_targets
 
     table = Table(title="Target profiles")
-    for col in ("name", "description", "providers", "precision", "opset", "max seq", "memory MB"):
-        table.add_column(col)
+    for col in ("name", "aliases", "description", "providers", "precision", "opset", "max seq", "memory MB"):
+        table.add_column(col, overflow="fold")
     for t in list_targets():
-        table.add_row(t.name, t.description, ", ".join(t.provider_names()), t.precision, str(t.opset),
-                      str(t.max_seq_len), str(t.memory_budget_mb))
+        providers = ", ".join(p.name.removesuffix("ExecutionProvider") for p in t.providers)
+        precisions = f"{t.precision} ({', '.join(t.precisions)})"
+        table.add_row(t.name, ", ".join(t.aliases), t.description, providers, precisions, str(t.opset),
+                      str(t.max_sequence_length), str(t.memory_budget_mb))
     _console().print(table)
 
 
@@ -136,13 +138,16 @@ def prune(
     spec = get_method(method)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force")
+    if scores is not None and not scores.exists():
+        raise UserError(f"no score file at {scores}; run `cusprun-edge score` first")
+    method_options = _options(option)
     corpora = ExpertSpec.parse(expert).corpora()
     m, tok = _load(model, trust_remote_code, allow_pickle)
     score_set = None
     if spec.needs_data:
         score_set = ScoreSet.load(scores) if scores else score_model(m, tok, corpora)
     vocab_texts = [t for c in corpora.values() for t in c.calib] if prune_vocab else None
-    rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=_options(option),
+    rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=method_options,
                          extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
                          vocab_keep_top=vocab_keep_top)
     vocab = f", vocabulary {rec['vocab']['vocab_before']:,} -> {rec['vocab']['vocab_after']:,}" if prune_vocab else ""
@@ -182,6 +187,7 @@ def build(
     precision: Optional[str] = typer.Option(None, "--precision"),
     option: list[str] = typer.Option([], "--option"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    quick_bench: bool = typer.Option(False, "--quick-bench", help="Shorter benchmark (fewer tokens and repetitions)."),
     out: Path = typer.Option(Path("build/expert"), "--out", "-o"),
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
@@ -189,7 +195,8 @@ def build(
     """Run load, score, prune, export, validate, bench and report; finished stages are skipped."""
     from .corpora import ExpertSpec
     from .methods import get_method
-    from .pipeline import BuildConfig, build as run_build
+    from .pipeline import BuildConfig
+    from .pipeline import build as run_build
     from .targets import resolve_target
 
     if not 0 < ratio <= 0.9:
@@ -199,7 +206,7 @@ def build(
     resolve_target(target)  # fail on a bad target before any slow stage
     cfg = BuildConfig(target=target, model=model, expert=expert, ratio=ratio, method=method, precision=precision,
                       method_options=_options(option), threads=threads, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, quick_bench=quick_bench)
     console = _console()
     run_build(cfg, out, on_stage=lambda name, state: console.print(f"[bold]{name}[/bold]: {state}"))
     report = out / "report" / "report.html"
@@ -259,7 +266,8 @@ def bench(
     """Latency, tokens/s, peak memory and size of exported artifacts, side by side, per execution provider."""
     from rich.table import Table
 
-    from .bench import bench as run_bench, summary_rows
+    from .bench import bench as run_bench
+    from .bench import summary_rows
 
     names = [p for p in (providers or "").split(",") if p.strip()] or None
     record = run_bench(artifact, providers=names, target=target, threads=threads, quick=quick, out=out)
@@ -269,7 +277,9 @@ def bench(
         table.add_column(col, overflow="fold")
     for row in summary_rows(record):
         if row["status"] != "measured":
-            table.add_row(row["provider"], row["artifact"], row["status"])
+            status, _, reason = row["status"].partition(": ")
+            table.add_row(row["provider"].replace("ExecutionProvider", ""), status if row["artifact"] == "-"
+                          else f"{row['artifact']} ({status})", reason)
             continue
         table.add_row(row["provider"].replace("ExecutionProvider", ""), row["artifact"],
                       ", ".join(f"{n}: {v:.1f}" for n, v in row["prefill_ms"].items()),

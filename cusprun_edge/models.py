@@ -232,6 +232,11 @@ def load_model(
 ):
     """Load a causal LM and its tokenizer from any supported source; returns (model, tokenizer)."""
     kind, where = resolve_source(str(source))
+    if kind == "hub" and not _hub_local_copy(where) and not _hub_reachable():
+        raise UserError(
+            f"cannot fetch '{where}': the Hugging Face hub is not reachable (offline?); "
+            "pass a local directory, a .gguf file or an embedded model name"
+        )
     if kind == "expert":
         from .expert_io import load_expert
 
@@ -252,6 +257,33 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Offline mode, or no route to the hub endpoint: fail in seconds instead of after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_local_copy(repo_id: str) -> bool:
+    """True when the hub id is already in the local Hugging Face cache (usable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
 
 
 def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device):

@@ -141,8 +141,8 @@ class ExportStage(Stage):
         return ("target", "precision")
 
     def run(self, ctx, work):
-        from .export import export_model
         from .expert_io import load_expert
+        from .export import export_model
 
         model, tok = ctx.dense()
         dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision)

@@ -1,0 +1,278 @@
+"""Validate stage: the dense model and the shipped expert side by side on held-out text.
+
+For each of the expert's corpora we use only the held-out `eval` documents and multiple-choice items
+(never the `calib` documents that chose which units to keep), plus any text files the user passes.
+Measured per category: perplexity, multiple-choice accuracy (where the category has items), top-1
+next-token agreement and mean KL(dense || expert); retention is dense_ppl / expert_ppl for perplexity
+(higher is better, 1.0 = no loss) and expert_acc / dense_acc for accuracy.
+
+The expert runs through its exported ONNX artifact (what ships); the dense model through PyTorch,
+or through its own export when `dense_artifact` is given (like for like: same precision, same runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+VALIDATE_FILE = "validate.json"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_eval_text(source) -> list[str]:
+    """Documents of a user's evaluation file: blank-line separated plain text, or .jsonl / a folder."""
+    from .corpora import read_texts
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"no such file or directory: {source}")
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserError(f"{path} is empty; pass a text file with the documents to evaluate on")
+        head = path.read_bytes()[:8192]
+        if b"\x00" in head:
+            raise UserError(f"{path} is not a text file (it contains binary data)")
+        if path.suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text") from None
+            texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
+            if not texts:
+                raise UserError(f"{path} holds no text (only whitespace)")
+            return texts
+    return read_texts(str(path))
+
+
+def _eval_sets(expert: str | None, texts, max_docs: int | None, max_mc: int | None) -> dict[str, dict]:
+    """category name -> {"texts": held-out documents, "mc": held-out items}."""
+    from .corpora import ExpertSpec
+
+    sets: dict[str, dict] = {}
+    if expert:
+        for name, corpus in ExpertSpec.parse(expert).corpora().items():
+            docs = corpus.eval[:max_docs] if max_docs else list(corpus.eval)
+            items = corpus.mc[:max_mc] if max_mc else list(corpus.mc)
+            if docs or items:
+                sets[name] = {"texts": docs, "mc": items}
+    for source in texts or ():
+        docs = read_eval_text(source)
+        sets[f"user:{Path(source).name}"] = {"texts": docs[:max_docs] if max_docs else docs, "mc": [],
+                                             "path": str(source)}
+    if not sets:
+        raise UserError("nothing to evaluate on: the expert's corpora have no held-out documents and no --text was given")
+    return sets
+
+
+def expert_spec_of(manifest: dict) -> str | None:
+    """The expert spec recorded in an export manifest (when it was exported from an expert directory)."""
+    record = ((manifest.get("source") or {}).get("expert")) or {}
+    return record.get("expert") if isinstance(record, dict) else None
+
+
+def _same_tokenizer(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    return a.get_vocab() == b.get_vocab()
+
+
+# --------------------------------------------------------------------------- measures
+
+
+def compare_texts(ref_fn, test_fn, tokenizer, texts: list[str], *, batch_size: int = 4,
+                  max_length: int = 512) -> dict:
+    """One pass over `texts` with both models: summed next-token NLL of each, top-1 agreement, KL.
+
+    The same definitions as `evaluate.perplexity` and `evaluate.agreement` (NLL over real next tokens;
+    agreement and KL(ref || test) over every real position), computed from one forward of each model."""
+    import torch
+    import torch.nn.functional as F
+
+    from .evaluate import _batches
+
+    out = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+    for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
+        ref, test = ref_fn(ids, mask), test_fn(ids, mask)
+        if ref.shape != test.shape:
+            raise UserError(f"dense and expert logits differ in shape ({tuple(ref.shape)} vs {tuple(test.shape)}); "
+                            "is the expert derived from this dense model?")
+        target, valid_next = ids[:, 1:], mask[:, 1:].bool().reshape(-1)
+        for key, logits in (("ref_nll", ref), ("test_nll", test)):
+            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+            out[key] += float(F.cross_entropy(flat, target.reshape(-1), reduction="none")[valid_next].sum())
+        out["tokens"] += int(valid_next.sum())
+        valid = mask.bool()
+        out["agree"] += int((ref.argmax(-1) == test.argmax(-1))[valid].sum())
+        lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
+        out["kl"] += float((lp_ref.exp() * (lp_ref - lp_test)).sum(-1)[valid].sum())
+        out["positions"] += int(valid.sum())
+    return out
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    return math.exp(nll / max(1, tokens))
+
+
+def _ratio(num, den):
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _mc_count(logits_fn, tokenizer, items) -> int:
+    from .evaluate import mc_accuracy
+
+    return round(mc_accuracy(logits_fn, tokenizer, items) * len(items)) if items else 0
+
+
+def _summary(sums: dict, mc: tuple[int, int, int]) -> dict:
+    """Per-model figures, retention, agreement and KL from summed counts (pooled the same way)."""
+    correct_dense, correct_expert, n_mc = mc
+    dense, expert, retention = {}, {}, {}
+    if sums["tokens"]:
+        dense["ppl"] = _ppl(sums["ref_nll"], sums["tokens"])
+        expert["ppl"] = _ppl(sums["test_nll"], sums["tokens"])
+        retention["ppl"] = dense["ppl"] / expert["ppl"]
+    if n_mc:
+        dense["acc"], expert["acc"] = correct_dense / n_mc, correct_expert / n_mc
+        retention["acc"] = _ratio(expert["acc"], dense["acc"])
+    out = {"dense": dense, "expert": expert, "retention": retention,
+           "tokens": sums["tokens"], "mc_items": n_mc}
+    if sums["positions"]:
+        out["top1_agreement"] = sums["agree"] / sums["positions"]
+        out["kl"] = max(0.0, sums["kl"] / sums["positions"])
+    return out
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def validate(
+    dense,
+    expert_artifact,
+    *,
+    texts=(),
+    expert: str | None = None,
+    dense_artifact=None,
+    out=None,
+    provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+    max_docs: int | None = None,
+    max_mc: int | None = None,
+    batch_size: int = 4,
+    max_length: int = 512,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    on_category=None,
+) -> dict:
+    """Measure dense vs expert on held-out text; writes `out` (a .json path) when given.
+
+    `dense` is a model source for `load_model` or a loaded (model, tokenizer) pair. `expert` is the
+    expert spec whose corpora to use (default: the one recorded in the artifact's manifest); `texts`
+    are extra evaluation files. Returns the record also written to `out`."""
+    from .evaluate import torch_logits_fn
+    from .runtime import OnnxCausalLM, read_manifest
+
+    t0 = time.time()
+    expert_dir, manifest = read_manifest(expert_artifact)
+    expert = expert or expert_spec_of(manifest)
+    if not expert and not texts:
+        raise UserError(f"cannot tell which corpora the expert in {expert_dir} was built for; "
+                        "pass --expert (e.g. language=en,domain=general) or --text FILE")
+    if dense_artifact is not None:
+        read_manifest(dense_artifact)
+    sets = _eval_sets(expert, texts, max_docs, max_mc)  # bad input fails before any model loads
+
+    if isinstance(dense, (tuple, list)):
+        dense_model, tokenizer = dense
+        dense_source = getattr(dense_model.config, "_name_or_path", None) or "in-memory model"
+    else:
+        from .models import load_model
+
+        dense_model, tokenizer = load_model(str(dense), trust_remote_code=trust_remote_code,
+                                            allow_pickle=allow_pickle)
+        dense_source = str(dense)
+    from transformers import AutoTokenizer
+
+    expert_tok = AutoTokenizer.from_pretrained(str(expert_dir))
+    if not _same_tokenizer(tokenizer, expert_tok):
+        raise UserError(f"the expert in {expert_dir} uses a different tokenizer than the dense model "
+                        f"({len(expert_tok)} vs {len(tokenizer)} tokens); is it derived from this model?")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    expert_rt = OnnxCausalLM(expert_dir, provider=provider, threads=threads)
+    expert_fn = expert_rt.logits_fn
+    if dense_artifact is not None:
+        dense_rt = OnnxCausalLM(dense_artifact, provider=provider, threads=threads)
+        dense_fn = dense_rt.logits_fn
+        dense_runtime = {"runtime": "onnxruntime", "artifact": str(dense_artifact),
+                         "precision": dense_rt.manifest.get("precision"), "provider": dense_rt.active_providers[0]}
+    else:
+        dense_fn = torch_logits_fn(dense_model)
+        dense_runtime = {"runtime": "pytorch", "dtype": str(next(dense_model.parameters()).dtype).replace("torch.", "")}
+
+    categories = {}
+    totals = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+    mc_totals = [0, 0, 0]
+    for name, data in sets.items():
+        sums = compare_texts(dense_fn, expert_fn, tokenizer, data["texts"], batch_size=batch_size,
+                             max_length=max_length) if data["texts"] else dict.fromkeys(totals, 0)
+        mc = (_mc_count(dense_fn, tokenizer, data["mc"]), _mc_count(expert_fn, tokenizer, data["mc"]), len(data["mc"]))
+        for k in totals:
+            totals[k] += sums[k]
+        for i in range(3):
+            mc_totals[i] += mc[i]
+        categories[name] = {"documents": len(data["texts"]), "split": "eval" if not name.startswith("user:") else "user",
+                            **_summary(sums, mc)}
+        if "path" in data:
+            categories[name]["path"] = data["path"]
+        if on_category:
+            on_category(name, categories[name])
+
+    record = {
+        "expert_spec": expert,
+        "dense": {"source": dense_source, **dense_runtime},
+        "expert": {"artifact": str(expert_dir), "runtime": "onnxruntime", "provider": expert_rt.active_providers[0],
+                   "precision": manifest.get("precision"), "pruned": manifest.get("pruned")},
+        "categories": categories,
+        "overall": _summary(totals, tuple(mc_totals)),
+        "settings": {"max_length": max_length, "batch_size": batch_size, "max_docs": max_docs, "max_mc": max_mc,
+                     "held_out_only": True},
+        "seconds": round(time.time() - t0, 2),
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))
+    return record
+
+
+class ValidateStage:
+    """Pipeline stage: validate the exported expert against the dense model (PyTorch)."""
+
+    name = "validate"
+    depends = ("export",)
+
+    def config_keys(self):
+        return ("expert",)
+
+    def fingerprint(self, ctx):
+        from .pipeline import Stage
+
+        return Stage.fingerprint(self, ctx)
+
+    def run(self, ctx, work: Path) -> dict:
+        record = validate(ctx.dense(), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
+                          out=work / VALIDATE_FILE, threads=ctx.config.threads)
+        overall = record["overall"]
+        return {"file": VALIDATE_FILE, "categories": list(record["categories"]),
+                "retention": overall["retention"], "top1_agreement": overall.get("top1_agreement"),
+                "kl": overall.get("kl"), "dense_ppl": overall["dense"].get("ppl"),
+                "expert_ppl": overall["expert"].get("ppl")}

@@ -1,0 +1,203 @@
+"""report: a build directory summarised as report.json / report.md / self-contained report.html,
+rendered in headless Chromium. Also the pipeline's validate -> bench -> report stages end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+from test_validate import build_tiny_artifacts
+
+from cusprun_edge.errors import UserError
+
+EXPERT = "language=en,domain=general"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
+
+
+def _config(model_dir, ratio):
+    from cusprun_edge.pipeline import BuildConfig
+
+    return BuildConfig(target="x86-cpu", model=str(model_dir), expert=EXPERT, ratio=ratio, method="magnitude",
+                       precision="fp32", quick_bench=True, threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tiny_artifacts, tmp_path_factory):
+    """Two full pipeline builds of the tiny model (ratios 0.3 and 0.5) side by side in one parent."""
+    from cusprun_edge.pipeline import build
+
+    parent = tmp_path_factory.mktemp("builds")
+    stages = {}
+    for name, ratio in (("r50", 0.5), ("r30", 0.3)):  # r30 last: its report sees the sibling r50
+        if name == "r30":  # same model and corpora: the finished load and score stages carry over (skipped)
+            for stage in ("load", "score"):
+                shutil.copytree(parent / "r50" / stage, parent / name / stage)
+        stages[name] = seen = []
+        build(_config(tiny_artifacts["dense_hf"], ratio), parent / name,
+              on_stage=lambda s, state, seen=seen: seen.append((s, state)))
+    return parent / "r30", parent / "r50", stages
+
+
+def test_pipeline_ends_with_report(tiny_builds):
+    a, _, stages = tiny_builds
+    done = [s for s, state in stages["r30"] if state.startswith("done")]
+    assert done == ["prune", "export", "validate", "bench", "report"]
+    assert [s for s, state in stages["r30"] if state.startswith("skipped")] == ["load", "score"]
+    for stage in ("load", "score", "prune", "export", "validate", "bench", "report"):
+        assert json.loads((a / stage / "stage.json").read_text())["stage"] == stage
+    for name in ("report.json", "report.md", "report.html"):
+        assert (a / "report" / name).stat().st_size > 0
+    assert (a / "validate" / "validate.json").exists() and (a / "bench" / "bench.json").exists()
+
+
+def test_report_json_content(tiny_builds):
+    a, _, _ = tiny_builds
+    data = json.loads((a / "report" / "report.json").read_text())
+    validate = json.loads((a / "validate" / "validate.json").read_text())
+    bench = json.loads((a / "bench" / "bench.json").read_text())
+    manifests = {k: json.loads((a / "export" / k / "manifest.json").read_text()) for k in ("dense", "expert")}
+    for side in ("dense", "expert"):
+        m = data[side]
+        assert m["params"] == manifests[side]["parameters"]
+        on_disk = sum(p.stat().st_size for p in (a / "export" / side).iterdir() if p.name.startswith("model.onnx"))
+        assert m["file_bytes"] == on_disk
+        assert set(m["eval"]) == {"language/en", "domain/general", "overall"}
+        assert m["eval"]["domain/general"]["ppl"] == validate["categories"]["domain/general"][side]["ppl"]
+        assert "acc" in m["eval"]["domain/general"] and "acc" not in m["eval"]["language/en"]
+        cpu = m["latency"]["CPUExecutionProvider"]
+        assert set(cpu["prefill_ms"]) == {"16", "128"}
+        assert cpu["decode_tok_s"] == bench["providers"]["CPUExecutionProvider"]["results"][side]["decode"]["tok_s"]
+    assert data["expert"]["params"]["total"] < data["dense"]["params"]["total"]
+    assert data["expert"]["achieved_ratio"] > 0 and data["expert"]["method"] == "magnitude"
+    assert data["retention"]["overall"]["ppl"] == validate["overall"]["retention"]["ppl"]
+    assert data["speedup"]["CPUExecutionProvider"]["decode"] == pytest.approx(
+        data["expert"]["latency"]["CPUExecutionProvider"]["decode_tok_s"]
+        / data["dense"]["latency"]["CPUExecutionProvider"]["decode_tok_s"])
+    assert data["parity"]["expert"]["fp32"]["passed"] is True
+    assert data["machine"]["cores"] >= 1 and re.match(r"\d{4}-\d\d-\d\d", data["date"])
+    # the sibling build (same model and expert) gives the second point of quality vs ratio
+    points = data["quality_vs_ratio"]
+    assert [p["target_ratio"] for p in points] == [0.3, 0.5]
+    assert points[0]["achieved_ratio"] < points[1]["achieved_ratio"]
+    assert set(data["plots"]) == {"latency", "structure", "quality_vs_ratio"}
+    md = (a / "report" / "report.md").read_text()
+    assert "| domain/general |" in md and "![latency](latency.png)" in md
+    assert (a / "report" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_html_is_self_contained(tiny_builds):
+    a, _, _ = tiny_builds
+    page = (a / "report" / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page, re.IGNORECASE)
+    assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
+    sources = re.findall(r"<img [^>]*src='([^']+)'", page)
+    assert len(sources) == 3
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_single_ratio_and_compare(tiny_builds, tmp_path):
+    """A lone build still plots quality vs ratio (one point); --compare adds another build's point."""
+    from cusprun_edge.report import report
+
+    a, b, _ = tiny_builds
+    alone = tmp_path / "alone"
+    shutil.copytree(a, alone)
+    data = report(alone, out=tmp_path / "out1")
+    assert len(data["quality_vs_ratio"]) == 1 and "quality_vs_ratio" in data["plots"]
+    data = report(alone, out=tmp_path / "out2", compare=[b])
+    assert len(data["quality_vs_ratio"]) == 2
+
+
+def test_cli_report(tiny_builds, tmp_path):
+    a, _, _ = tiny_builds
+    out = tmp_path / "rep"
+    proc = run_cli("report", a, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "report.html"}
+
+
+def test_cli_report_not_a_build_dir(tmp_path):
+    proc = run_cli("report", tmp_path)
+    assert_one_line_error(proc, "not a build directory")
+    proc = run_cli("report", tmp_path / "missing")
+    assert_one_line_error(proc, "does not exist")
+
+
+def test_failed_stage_keeps_earlier_stages(tiny_builds, tiny_artifacts, tmp_path):
+    """A stage that fails says which one and leaves the finished stages before it in place."""
+    from cusprun_edge.pipeline import build
+
+    a, _, _ = tiny_builds
+    broken = tmp_path / "broken"
+    shutil.copytree(a, broken)
+    shutil.rmtree(broken / "validate")
+    (broken / "export" / "expert" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="stage 'validate' failed: .*manifest.json"):
+        build(_config(tiny_artifacts["dense_hf"], 0.3), broken)
+    for stage in ("load", "score", "prune", "export"):
+        assert (broken / stage / "stage.json").exists()
+    assert not (broken / "validate").exists()
+    assert not list(broken.glob(".validate.tmp-*"))
+
+
+# --------------------------------------------------------------------------- real browser
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var m = document.createElement('pre');
+  m.id = 'render-check';
+  m.textContent = 'RENDER-CHECK images=' + imgs.length + ' loaded=' + ok + ' tables=' +
+    document.getElementsByTagName('table').length;
+  document.body.appendChild(m);
+});
+</script>"""
+
+
+def _chromium():
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def _run_chromium(args, tmp_path):
+    exe = _chromium()
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_report_renders_in_chromium(tiny_builds, tmp_path):
+    a, _, _ = tiny_builds
+    page = (a / "report" / "report.html").read_text()
+    checked = tmp_path / "checked.html"  # the report plus a probe that counts loaded images
+    checked.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+    proc = _run_chromium(["--virtual-time-budget=10000", "--dump-dom", checked.as_uri()], tmp_path)
+    match = re.search(r"RENDER-CHECK images=(\d+) loaded=(\d+) tables=(\d+)", proc.stdout)
+    assert match, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    images, loaded, tables = map(int, match.groups())
+    assert images == 3 and loaded == images and tables >= 4
+
+    shot = tmp_path / "report.png"
+    proc = _run_chromium([f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars",
+                          (a / "report" / "report.html").as_uri()], tmp_path)
+    assert shot.exists(), proc.stderr[-2000:]
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100  # text and plots on a white page, not a blank image
+    assert sum(img.histogram()[:128]) > 1000
