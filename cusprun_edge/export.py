@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
@@ -62,25 +63,27 @@ DECODE_STEPS = 3
 #   max_rel_rms    rms(onnx - torch) / rms(torch - its mean): scale-free; uncorrelated logits give ~1.4
 #   max_kl         mean KL(torch || onnx) of the next-token distributions, in nats
 #   min_top1       share of positions whose most likely token matches PyTorch's
-# Measured on SmolLM2-135M (x86, 4 prompts, prefill + 3 cached steps), which set these limits:
-#   fp32  max_abs_diff 7e-5: the same math in another order. 1e-3 leaves room for deeper models and
-#         still catches any real bug (a wrong mask, rotary position or cache step is > 0.1).
+# KL and max_abs_diff measure closeness. Top-1 over ~60 positions (16 of them cached steps) is coarse:
+# one near-tie flipping costs 0.06 of the cached score, so its floors sit well below what faithful
+# exports measure and only catch a broken graph (top-1 near 0).
+# Measured on SmolLM2-135M and two 25%-pruned SmolLM2 experts (x86, onnxruntime CPU):
+#   fp32  max_abs_diff 1e-4 - 3e-4: the same math in another order. 1e-3 still catches any real bug
+#         (a wrong mask, rotary position or cache step is > 0.1).
 #   fp16  rel_rms 0.003, KL < 1e-4, top-1 1.0. A broken fp16 graph (RMSNorm overflow) measured
 #         rel_rms 1.9 and top-1 0.0.
-#   int8  (8-bit weight-only) rel_rms 0.09, KL 0.009, top-1 0.99.
-#   int4  (4-bit weight-only, round-to-nearest) KL 0.8-0.9, top-1 0.48-0.69: SmolLM2's weights come
-#         from a Q4_1 GGUF, so any other 4-bit grid rounds them a second time. ONNX Runtime GenAI's
-#         own int4 export of the same model measures KL 0.72-0.87, top-1 0.51-0.63, and a PyTorch
-#         emulation of the same rounding KL 0.92. The int4 limits accept that and still reject a
-#         broken graph (KL > 2, top-1 near 0) - or a model int4 breaks (a randomly pruned SmolLM2
-#         measured KL 4.8 in ONNX and in the PyTorch emulation alike).
+#   int8  (8-bit weight-only) KL 0.010-0.012, rel_rms 0.10-0.14, top-1 0.875-0.96.
+#   int4  (4-bit weight-only, round-to-nearest) KL 0.9-1.04, top-1 0.48-0.69. SmolLM2's weights come
+#         from a Q4_1 GGUF, so any other 4-bit grid rounds them a second time: ONNX Runtime GenAI's
+#         own int4 export of it measures KL 0.72-0.87, top-1 0.51-0.63, a PyTorch emulation of the
+#         same rounding KL 0.92. The limit takes that and rejects models int4 breaks (a randomly
+#         pruned SmolLM2: KL 4.8, in ONNX and the PyTorch emulation alike).
 # Tiny random test models have almost flat distributions, so KL and top-1 say little there; the
 # tests check rel_rms on them instead.
 THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"max_abs_diff": 1e-3, "min_top1": 0.99},
-    "fp16": {"max_rel_rms": 0.05, "max_kl": 0.01, "min_top1": 0.95},
-    "int8": {"max_rel_rms": 0.25, "max_kl": 0.05, "min_top1": 0.9},
-    "int4": {"max_kl": 1.5, "min_top1": 0.4},
+    "fp32": {"max_abs_diff": 1e-3, "min_top1": 0.9},
+    "fp16": {"max_rel_rms": 0.05, "max_kl": 0.01, "min_top1": 0.85},
+    "int8": {"max_rel_rms": 0.3, "max_kl": 0.05, "min_top1": 0.75},
+    "int4": {"max_kl": 1.5, "min_top1": 0.35},
 }
 
 # Weight-only quantization of every MatMul with a constant weight (MatMulNBits), int4 and int8 alike.
@@ -145,8 +148,12 @@ def export_model(
         raise UserError(f"attention '{attention}' is unknown; use 'gqa' or 'standard'")
     limits = {p: {**THRESHOLDS[p], **(thresholds or {}).get(p, {})} for p in THRESHOLDS}
     out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another output directory or pass --force")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists; choose another output directory or pass --force")
+        if not _replaceable(out):
+            raise UserError(f"{out} exists and is not an export directory (no {MANIFEST_FILE}); "
+                            "--force replaces only a previous export: choose another output directory")
     _check_model(model)
     memory = estimate_memory(model, precision, profile)
     if memory["total_mb"] > profile.memory_budget_mb:
@@ -169,6 +176,13 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _replaceable(out: Path) -> bool:
+    """--force replaces a previous export or an empty directory, never anything else."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return (out / MANIFEST_FILE).is_file() or not any(out.iterdir())
 
 
 def _check_model(model) -> None:
@@ -233,6 +247,7 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         "pruned": getattr(model.config, "cusprun_structure", None) is not None,
         "memory_estimate_mb": memory,
         "parity": {"prompts": list(PARITY_PROMPTS), "decode_steps": DECODE_STEPS,
+                   "runtime": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
                    "thresholds": {p: limits[p] for p in parity}, **parity},
         "genai": genai,
         "timings_s": timings,
@@ -520,9 +535,8 @@ def _gqa_translation():
     Sequence lengths come from the attention mask as GenAI's own models compute them
     (seqlens_k = tokens so far - 1, total_sequence_length = mask width), so with
     `past_present_share_buffer` GenAI can hand the op one preallocated cache buffer."""
-    import onnx_ir as ir
     from onnxscript import opset18 as op
-    from onnxscript._internal.values import Op, Opset
+    from onnxscript.values import Op, Opset
 
     gqa = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
 
@@ -576,8 +590,6 @@ def export_onnx(model, attention: str, opset: int, max_positions: int = 0):
     """Trace the cached decoder to an onnx_ir.Model; returns (model, exporter description).
 
     `max_positions` sizes the rotary tables of fused attention (0: rotary stays in plain ops)."""
-    import onnx_ir as ir
-
     decoder = CachedDecoder(model, fused_attention=attention == "gqa", max_positions=max_positions).eval()
     args = _example_inputs(model)
     input_names, output_names = io_names(len(args[3]) // 2)
@@ -597,17 +609,16 @@ def export_onnx(model, attention: str, opset: int, max_positions: int = 0):
     except Exception as exc:
         if attention == "gqa":
             raise  # the fused op exists only for the dynamo exporter; the caller retries plain attention
-        onnx_model = _export_torchscript(decoder, args, input_names, output_names, opset)
+        with attention_implementation(model, implementation):
+            onnx_model = _export_torchscript(decoder, args, input_names, output_names, opset)
         exporter = f"torch.onnx.export(dynamo=False) (TorchScript fallback; dynamo failed: {_one_line(exc)})"
     if opset < 18 and onnx_model.opset_imports.get("", 18) >= 18:
-        lower_to_opset_17(onnx_model, ir)  # before the fusions: they add ops no ONNX converter knows
-    _finish_graph(onnx_model, model, ir, ort_fusions=attention == "gqa")
+        lower_to_opset_17(onnx_model)  # before the fusions: they add ops no ONNX converter knows
+    _finish_graph(onnx_model, model, ort_fusions=attention == "gqa")
     return onnx_model, exporter
 
 
 def _export_torchscript(decoder, args, input_names, output_names, opset):
-    import onnx_ir as ir
-
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "position_ids": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
@@ -643,9 +654,9 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _finish_graph(onnx_model, model, ir, ort_fusions: bool) -> None:
-    """Name the dynamic axes as GenAI and readers expect, make transposed weights constant and, for a
-    graph that is ONNX Runtime's already (GroupQueryAttention), use its fused ops."""
+def _finish_graph(onnx_model, model, ort_fusions: bool) -> None:
+    """Name the dynamic axes as GenAI and readers expect and, for a graph that is ONNX Runtime's
+    already (GroupQueryAttention), use its fused ops."""
     kv_heads, head_dim = _kv_layout(model)
     graph = onnx_model.graph
     seq = ["batch_size", "sequence_length"]
@@ -658,7 +669,6 @@ def _finish_graph(onnx_model, model, ir, ort_fusions: bool) -> None:
     for value in [*graph.inputs, *graph.outputs]:
         if value.name in shapes:
             value.shape = ir.Shape(shapes[value.name])
-    _fold_weight_transposes(graph, ir)
     if ort_fusions:
         # One SimplifiedLayerNormalization per RMSNorm: it accumulates in fp32 whatever the input type,
         # so an fp16 export cannot overflow on the sum of squares.
@@ -666,7 +676,7 @@ def _finish_graph(onnx_model, model, ir, ort_fusions: bool) -> None:
 
         fuse_rms_normalization(onnx_model)
         _attention_without_reshapes(graph)
-        _pack_qkv_projections(graph, ir)
+        _pack_qkv_projections(graph)
         ir.passes.common.RemoveUnusedNodesPass()(onnx_model)
 
 
@@ -697,7 +707,7 @@ def _attention_without_reshapes(graph) -> None:
             output.shape = query.shape.copy()  # [batch, seq, heads * head_dim], like the query
         merged = _after_views(output)
         if merged is not output:
-            _replace_uses(merged, output)
+            ir.convenience.replace_all_uses_with(merged, output)
 
 
 _SWAP = [0, 2, 1, 3]
@@ -735,13 +745,7 @@ def _after_views(value):
     return found
 
 
-def _replace_uses(old, new) -> None:
-    import onnx_ir as ir
-
-    ir.convenience.replace_all_uses_with(old, new)
-
-
-def _pack_qkv_projections(graph, ir) -> None:
+def _pack_qkv_projections(graph) -> None:
     """One MatMul (and bias Add) for query, key and value: GroupQueryAttention splits packed input
     itself, and one wide (quantized) MatMul runs faster than three narrow ones."""
     for node in list(graph):
@@ -794,26 +798,6 @@ def _projection(value):
     return matmul, matmul.inputs[1].const_value.numpy(), bias
 
 
-def _fold_weight_transposes(graph, ir) -> None:
-    """Transpose(initializer) -> a transposed initializer.
-
-    A tied lm_head exports as MatMul(x, Transpose(embedding)); quantizers only quantize a MatMul
-    whose weight is a constant, and a runtime Transpose of the embedding would run every step."""
-    for node in list(graph):
-        if node.op_type != "Transpose" or node.domain != "" or not node.inputs[0].is_initializer():
-            continue
-        source = node.inputs[0]
-        if source.const_value is None:
-            continue
-        perm = list(node.attributes.get_ints("perm", reversed(range(len(source.shape)))))
-        array = np.ascontiguousarray(source.const_value.numpy().transpose(perm))
-        folded = ir.Value(name=f"{source.name}.transposed", const_value=ir.tensor(array),
-                          shape=ir.Shape(array.shape), type=ir.TensorType(source.dtype))
-        graph.register_initializer(folded)
-        ir.convenience.replace_all_uses_with(node.outputs[0], folded)
-        graph.remove(node, safe=True)
-
-
 # Opset 18 moved Reduce* axes from an attribute to an input; these ops changed in other ways or are new,
 # and the graphs exported here never use them, so lowering refuses rather than guesses.
 _REDUCE_AXES_INPUT_AT_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -823,7 +807,7 @@ _UNLOWERABLE_AT_18 = {"Pad", "Resize", "ScatterND", "ScatterElements", "Col2Im",
                       "Mish", "OptionalGetElement", "OptionalHasElement"}
 
 
-def lower_to_opset_17(onnx_model, ir) -> None:
+def lower_to_opset_17(onnx_model) -> None:
     """Rewrite an opset-18 graph as opset 17 (what TensorRT 8.5 parses): Reduce* axes back to an
     attribute, Split's num_outputs dropped (an even split is the opset-13 default)."""
     for node in onnx_model.graph:
@@ -852,8 +836,6 @@ def lower_to_opset_17(onnx_model, ir) -> None:
 
 def save_onnx(onnx_model, path: Path) -> None:
     """Save with every weight in one external file beside the graph, so models over 2 GB work."""
-    import onnx_ir as ir
-
     ir.save(onnx_model, str(path), external_data=DATA_FILE)
 
 
@@ -873,6 +855,7 @@ def convert_precision(src: Path, dst: Path, precision: str) -> dict | None:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         bits = 4 if precision == "int4" else 8
+        _fold_weight_transposes(proto)
         quantizer = MatMulNBitsQuantizer(
             proto, bits=bits, block_size=WEIGHT_ONLY["block_size"], is_symmetric=WEIGHT_ONLY["symmetric"],
             accuracy_level=WEIGHT_ONLY["accuracy_level"], op_types_to_quantize=("MatMul",),
@@ -904,6 +887,30 @@ def convert_precision(src: Path, dst: Path, precision: str) -> dict | None:
     return record
 
 
+def _fold_weight_transposes(proto) -> None:
+    """Transpose(initializer) -> a transposed initializer, so the quantizer sees a constant weight.
+
+    A tied lm_head exports as MatMul(x, Transpose(embedding)). (fp32/fp16 exports keep the Transpose,
+    which ONNX Runtime folds when it loads the model, instead of storing the embedding twice.)"""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            continue
+        array = numpy_helper.to_array(initializers[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        folded = np.ascontiguousarray(array.transpose(perm))
+        folded = numpy_helper.from_array(folded, f"{node.input[0]}.transposed")
+        graph.initializer.append(folded)
+        for consumer in graph.node:
+            for i, name in enumerate(consumer.input):
+                if name == node.output[0]:
+                    consumer.input[i] = folded.name
+        graph.node.remove(node)
+
+
 def _share_embedding_with_lm_head(proto, bits: int) -> bool:
     """Tied embeddings: gather token rows from the lm_head's quantized weight instead of a float copy.
 
@@ -916,7 +923,7 @@ def _share_embedding_with_lm_head(proto, bits: int) -> bool:
     graph = proto.graph
     initializers = {i.name: i for i in graph.initializer}
     shared = False
-    for position, gather in enumerate(list(graph.node)):
+    for gather in list(graph.node):
         table = initializers.get(gather.input[0]) if gather.op_type == "Gather" else None
         if table is None or len(table.dims) != 2:
             continue
@@ -938,6 +945,7 @@ def _share_embedding_with_lm_head(proto, bits: int) -> bool:
             list(gather.output), name=gather.name, domain="com.microsoft",
             gather_axis=0, quantize_axis=1, block_size=block, bits=bits,
         ))
+        position = [n.name for n in graph.node].index(gather.name)
         graph.node.remove(gather)
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
@@ -1048,7 +1056,19 @@ class _Runner:
 
 def check_parity(path: Path, reference: list[dict], limits: dict[str, float]) -> dict:
     """Run the graph at `path` on the reference prompts, without and with the cache; compare to PyTorch."""
-    runner = _Runner(_session(path))
+    try:
+        rows = _run_reference(_Runner(_session(path)), reference)
+    except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime rejects fails the gate, with the reason
+        return {"passed": False, "failure": f"onnxruntime cannot run it ({_one_line(exc)})"}
+    report = {mode: _compare(np.concatenate(got), np.concatenate(want)) for mode, (got, want) in rows.items()}
+    overall = {key: (max if key != "top1_agreement" else min)(r[key] for r in report.values())
+               for key in ("max_abs_diff", "rel_rms", "kl_divergence", "top1_agreement")}
+    failure = _first_failure(overall, limits)
+    return {**overall, **report, "passed": failure is None, "failure": failure}
+
+
+def _run_reference(runner: _Runner, reference: list[dict]) -> dict:
+    """ONNX and PyTorch logits, row by row: the whole sequence in one pass, and prefill + cached steps."""
     rows = {"no_cache": ([], []), "with_cache": ([], [])}
     for case in reference:
         ids, n, ref = case["ids"], case["prompt_len"], case["logits"]
@@ -1062,11 +1082,7 @@ def check_parity(path: Path, reference: list[dict], limits: dict[str, float]) ->
             cached.append(logits[0, -1])
         rows["with_cache"][0].append(np.stack(cached))
         rows["with_cache"][1].append(ref[n - 1:])
-    report = {mode: _compare(np.concatenate(got), np.concatenate(want)) for mode, (got, want) in rows.items()}
-    overall = {key: (max if key != "top1_agreement" else min)(r[key] for r in report.values())
-               for key in ("max_abs_diff", "rel_rms", "kl_divergence", "top1_agreement")}
-    failure = _first_failure(overall, limits)
-    return {**overall, **report, "passed": failure is None, "failure": failure}
+    return rows
 
 
 def _compare(got: np.ndarray, want: np.ndarray) -> dict:
@@ -1196,10 +1212,12 @@ def estimate_memory(model, precision: str, profile: TargetProfile) -> dict:
 
 def _io_record(model, attention: str, rotary_fused: bool) -> dict:
     kv_heads, head_dim = _kv_layout(model)
-    inputs, outputs = io_names(len(kv_heads))
     positions = ("past length + i (GroupQueryAttention rotates; position_ids is accepted, unused): "
                  "batches must be right-padded, as GenAI feeds them") if rotary_fused else "position_ids"
-    record = {"inputs": inputs, "outputs": outputs, "kv_heads_per_layer": kv_heads, "head_dim": head_dim,
+    record = {"inputs": ["input_ids", "attention_mask", "position_ids", "past_key_values.%d.key",
+                         "past_key_values.%d.value"],
+              "outputs": ["logits", "present.%d.key", "present.%d.value"],
+              "layers": len(kv_heads), "kv_heads_per_layer": kv_heads, "head_dim": head_dim,
               "kv_layout": "[batch_size, kv_heads, sequence, head_dim]", "rotary_positions": positions}
     if attention == "gqa":
         record["limits"] = "after a past, several new tokens at once need batch size 1 (GroupQueryAttention)"

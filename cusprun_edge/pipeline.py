@@ -153,7 +153,7 @@ class ExportStage(Stage):
 
 
 def _manifest_summary(manifest: dict) -> dict:
-    keys = ("precision", "parity", "total_bytes", "params")
+    keys = ("precision", "parity", "total_bytes", "parameters")
     return {k: manifest.get(k) for k in keys}
 
 

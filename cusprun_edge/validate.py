@@ -209,9 +209,12 @@ def validate(
 
     expert_rt = OnnxCausalLM(expert_dir, provider=provider, threads=threads)
     expert_fn = expert_rt.logits_fn
+    # the artifact's rotary tables and cache end at its context length: evaluate within it
+    max_length = min(max_length, expert_rt.context_length or max_length)
     if dense_artifact is not None:
         dense_rt = OnnxCausalLM(dense_artifact, provider=provider, threads=threads)
         dense_fn = dense_rt.logits_fn
+        max_length = min(max_length, dense_rt.context_length or max_length)
         dense_runtime = {"runtime": "onnxruntime", "artifact": str(dense_artifact),
                          "precision": dense_rt.manifest.get("precision"), "provider": dense_rt.active_providers[0]}
     else:

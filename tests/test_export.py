@@ -282,7 +282,11 @@ def test_torchscript_fallback_when_dynamo_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_broken)
     model, tok = tiny_model("llama")
-    manifest = export_model(model, tok, "x86-cpu", tmp_path / "out", precision="fp32")
+    export_model(model, tok, "x86-cpu", tmp_path / "out", precision="fp32")
+    # --force replaces a previous export
+    manifest = export_model(model, tok, "x86-cpu", tmp_path / "out", precision="int8", force=True)
+    assert manifest["precision"] == "int8" and verify_manifest(tmp_path / "out") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert_fp32_parity(manifest)
     assert "TorchScript fallback" in manifest["exporter"]
     assert "simulated dynamo failure" in manifest["exporter"]
@@ -297,6 +301,8 @@ def test_existing_output_is_refused_without_force(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
         export_model(model, tok, "x86-cpu", out)
+    with pytest.raises(UserError, match="not an export directory"):  # --force replaces exports only
+        export_model(model, tok, "x86-cpu", out, force=True)
     assert (out / "keep.txt").read_text() == "mine"
 
 
