@@ -51,8 +51,11 @@ def _quality_plot(q: dict, path: Path) -> None:
 
 
 def _quality_section(q: dict, plot_name: str) -> list[str]:
-    lines = [f"Model: {q['model']}. Machine: {_machine_line(q['machine'])}. "
-             f"One scoring pass over the calibration corpora took {q['scoring_seconds']} s.", ""]
+    scoring = (f" One scoring pass over the calibration corpora took {q['scoring_seconds']} s."
+               if q.get("scoring_seconds") else "")
+    lines = [f"Model: {q['model']}. Machine: {_machine_line(q['machine'])}.{scoring}", ""]
+    if q.get("partial"):
+        lines += [f"**Partial run.** {q['note']}", ""]
     lines.append("Held-out text only (the `eval` parts, never used for scoring). Perplexity: lower is better; "
                  "retention = dense ppl / expert ppl (1.0 = no loss). MC: multiple-choice accuracy on the "
                  "expert's domain/task items (4 options, chance 0.25).")
@@ -69,7 +72,8 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
                       key=lambda r: (r["target_ratio"], r["expert_ppl"]))
         for r in rows:
             name = f"**{r['method']}**" if r["method"] == "cusprun" else r["method"]
-            lines.append(f"| {r['target_ratio']:.2f} | {name} | {r['achieved_ratio']:.3f} | {r['expert_ppl']:.2f} | "
+            achieved = "-" if r.get("achieved_ratio") is None else f"{r['achieved_ratio']:.3f}"
+            lines.append(f"| {r['target_ratio']:.2f} | {name} | {achieved} | {r['expert_ppl']:.2f} | "
                          f"{r['ppl_retention']:.3f} | {r.get('mc_acc', float('nan')):.3f} | {r['general_ppl']:.2f} |")
         lines.append("")
     lines += [f"![retention vs ratio]({plot_name})", ""]

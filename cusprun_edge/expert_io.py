@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import arch
 from .errors import UserError
+from .fsutil import atomic_directory
 from .structure import Structure, record_structure, shape_like
 from .vocab import shape_vocab_like
 
@@ -24,9 +22,7 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force")
     record_structure(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         state = None
         vocab = getattr(model.config, "cusprun_vocab", None)
         if vocab and vocab["tied"]:  # transformers only knows the dense tie; save the shared matrix once
@@ -35,12 +31,6 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPERT_MARKER).write_text(json.dumps(record, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -42,6 +42,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from . import arch
 from .errors import UserError
+from .fsutil import atomic_directory
 from .structure import count_params, structure_of
 from .targets import TargetProfile, resolve_target
 
@@ -164,17 +165,9 @@ def export_model(
             "choose a lower precision or prune further"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         manifest = _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source)
         _write_manifest(tmp, manifest, started)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
