@@ -189,7 +189,7 @@ def bench(
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be 1 or more, got {threads}")
     read = [read_manifest(a) for a in artifacts]
-    paths, manifests = [p for p, _ in read], [m for _, m in read]
+    paths, manifests = [Path(p).resolve() for p, _ in read], [m for _, m in read]
     names = _labels(manifests, paths, labels)
     requested = _requested_providers(providers, target, manifests)
     plan = {**(QUICK if quick else FULL), **(settings or {})}
@@ -296,6 +296,10 @@ class BenchStage:
                        target=ctx.config.target, threads=ctx.config.threads, quick=ctx.config.quick_bench,
                        out=work / BENCH_FILE)
         measured = {p: e for p, e in record["providers"].items() if e["status"] == "measured"}
+        errors = [f"{p}/{n}: {r['error']}" for p, e in measured.items() for n, r in e["results"].items()
+                  if "error" in r]
+        if errors:
+            raise UserError("benchmark failed: " + "; ".join(errors))
         return {"file": BENCH_FILE, "measured": list(measured),
                 "skipped": {p: e["reason"] for p, e in record["providers"].items() if e["status"] == "skipped"},
                 "speedup": record["speedup"]}

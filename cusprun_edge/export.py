@@ -634,7 +634,7 @@ def _export_torchscript(decoder, args, input_names, output_names, opset):
 def _quiet():
     """The exporters and quantizers print progress, log every node and warn about every traced branch;
     keep the CLI's output clean (errors still raise)."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxruntime", "onnxscript", "root")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxruntime", "onnxscript", "onnx_ir", "root")]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:

@@ -190,7 +190,7 @@ def _finished(ctx: BuildContext, stage: Stage, fp: str) -> bool:
 
 def build(config: BuildConfig, out: Path, *, on_stage=None) -> dict:
     """Run every stage in order, skipping finished ones; returns {stage: its record}."""
-    out = Path(out)
+    out = Path(out).resolve()  # stages hand paths to worker processes with their own working directory
     out.mkdir(parents=True, exist_ok=True)
     (out / "build.json").write_text(json.dumps(asdict(config), indent=2))
     ctx = BuildContext(config, out)
