@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import write_json
 
 BENCH_FILE = "bench.json"
 CPU = "CPUExecutionProvider"
@@ -240,9 +241,7 @@ def bench(
         "seconds": round(time.time() - started, 2),
     }
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))
+        write_json(out, record)
     return record
 
 

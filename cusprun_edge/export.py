@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
-import hashlib
 import inspect
 import io
 import json
@@ -42,7 +41,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from . import arch
 from .errors import UserError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, sha256_file
 from .structure import count_params, structure_of
 from .targets import TargetProfile, resolve_target
 
@@ -1249,14 +1248,6 @@ def _library_versions() -> dict:
     except ImportError:
         versions["onnxruntime_genai"] = None
     return versions
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_manifest(directory: Path, manifest: dict, started: float) -> None:

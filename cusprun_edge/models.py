@@ -7,7 +7,6 @@ dequantized once and cached as safetensors keyed by the file's sha256, because c
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ import torch
 
 from . import arch
 from .errors import UserError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -96,14 +95,6 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 # --------------------------------------------------------------------------- GGUF conversion cache
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_gguf_header(path: Path) -> None:

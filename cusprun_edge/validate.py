@@ -12,12 +12,12 @@ or through its own export when `dense_artifact` is given (like for like: same pr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import write_json
 
 VALIDATE_FILE = "validate.json"
 
@@ -251,9 +251,7 @@ def validate(
         "seconds": round(time.time() - t0, 2),
     }
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2))
+        write_json(out, record)
     return record
 
 
