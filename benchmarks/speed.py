@@ -131,10 +131,10 @@ def speed_markdown(s: dict) -> list[str]:
             art = rec["artifacts"][label]
             pre = " | ".join(f"{r['prefill'][str(n)]['p50_ms']:.1f}" if str(n) in r["prefill"] else "-"
                              for n in prompt_lengths)
-            sp = speed.get(label, {}).get("decode_tok_s")
+            sp = speed.get(label, {}).get("decode")
             lines.append(f"| {label} | {art['params']:,} | {art['file_bytes'] / 2**20:.1f} | {pre} | "
                          f"{r['decode']['per_token']['p50_ms']:.2f} | {r['decode']['tok_s']:.1f} | "
-                         f"{'%.2fx' % sp if sp else '-'} | {r.get('peak_rss_mb', '-')} |")
+                         f"{'%.2fx' % sp if sp else '-'} | {round(r['peak_rss_mb']) if r.get('peak_rss_mb') else '-'} |")
         lines.append("")
     lines += ["Pipeline stage times (s): " + ", ".join(f"{k} {v}" for k, v in st.items()
                                                       if isinstance(v, (int, float))), ""]
