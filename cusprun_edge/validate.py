@@ -89,12 +89,8 @@ def compare_texts(ref_fn, test_fn, tokenizer, texts: list[str], *, batch_size: i
                   max_length: int = 512) -> dict:
     """One pass over `texts` with both models: summed next-token NLL of each, top-1 agreement, KL.
 
-    The same definitions as `evaluate.perplexity` and `evaluate.agreement` (NLL over real next tokens;
-    agreement and KL(ref || test) over every real position), computed from one forward of each model."""
-    import torch
-    import torch.nn.functional as F
-
-    from .evaluate import _batches
+    The sums behind `evaluate.perplexity` and `evaluate.agreement`, from one forward of each model."""
+    from .evaluate import _batches, agreement_sums, nll_sum
 
     out = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
@@ -102,16 +98,14 @@ def compare_texts(ref_fn, test_fn, tokenizer, texts: list[str], *, batch_size: i
         if ref.shape != test.shape:
             raise UserError(f"dense and expert logits differ in shape ({tuple(ref.shape)} vs {tuple(test.shape)}); "
                             "is the expert derived from this dense model?")
-        target, valid_next = ids[:, 1:], mask[:, 1:].bool().reshape(-1)
-        for key, logits in (("ref_nll", ref), ("test_nll", test)):
-            flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-            out[key] += float(F.cross_entropy(flat, target.reshape(-1), reduction="none")[valid_next].sum())
-        out["tokens"] += int(valid_next.sum())
-        valid = mask.bool()
-        out["agree"] += int((ref.argmax(-1) == test.argmax(-1))[valid].sum())
-        lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
-        out["kl"] += float((lp_ref.exp() * (lp_ref - lp_test)).sum(-1)[valid].sum())
-        out["positions"] += int(valid.sum())
+        out["ref_nll"] += nll_sum(ref, ids, mask)[0]
+        test_nll, tokens = nll_sum(test, ids, mask)
+        out["test_nll"] += test_nll
+        out["tokens"] += tokens
+        agree, kl, positions = agreement_sums(ref, test, mask)
+        out["agree"] += agree
+        out["kl"] += kl
+        out["positions"] += positions
     return out
 
 
