@@ -1,10 +1,13 @@
 """`python -m benchmarks [quality|speed|all] [--quick]` writes results/*.json and RESULTS.md."""
 
 import argparse
+import sys
+import time
 
 import torch
 
 from . import quality
+from .common import write_json
 
 
 def main() -> None:
@@ -13,12 +16,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one setting, one ratio, three methods")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    started = time.time()
     if args.which in ("quality", "all"):
         quality.run(quick=args.quick)
     if args.which in ("speed", "all"):
         from . import speed
 
         speed.run(quick=args.quick)
+    if args.which == "all":  # how long the whole `make bench` / `make bench-quick` took
+        write_json("run-quick.json" if args.quick else "run.json", {
+            "command": " ".join(["python -m benchmarks", *sys.argv[1:]]), "seconds": round(time.time() - started, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     from .results_md import write_results_md
 
     write_results_md()

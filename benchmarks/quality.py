@@ -29,6 +29,19 @@ SETTINGS = {
     "en+legal+qa": "language=en,domain=legal,task=qa",
 }
 RATIOS = [0.25, 0.35, 0.45]
+# Ablations: each method as published, plus the head policy swapped both ways, so the table separates
+# what Cus-Prun's scores bring from what sparing attention heads brings (see methods.MethodSpec.head_policy).
+ABLATIONS = {
+    "cusprun[head_policy=fraction]": ("cusprun", {"head_policy": "fraction"}),
+    "wanda-sp[head_policy=ffn_first]": ("wanda-sp", {"head_policy": "ffn_first"}),
+}
+
+
+def variants(quick: bool) -> dict[str, tuple[str, dict]]:
+    """Row label -> (method, recipe overrides)."""
+    if quick:
+        return {m: (m, {}) for m in ("cusprun", "wanda-sp", "flap")}
+    return {m: (m, {}) for m in METHODS} | ABLATIONS
 
 
 def _eval_sets(spec: ExpertSpec):
@@ -52,7 +65,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
     torch.manual_seed(0)
     settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
     ratios = [0.25] if quick else RATIOS
-    methods = ["cusprun", "wanda-sp", "flap"] if quick else list(METHODS)
+    methods = variants(quick)
     model, tok = load_model(model_name)
     t0 = time.time()
     needed = {n for s in settings.values() for n in ExpertSpec.parse(s).corpora()}
@@ -67,14 +80,15 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
         dense[name] = _measure(model, tok, texts, mc, general) | {"general_corpus": general_name}
         print(f"[quality] {name} dense {dense[name]}", flush=True)
         for ratio in ratios:
-            for method in methods:
+            for label, (method, options) in methods.items():
                 m = copy.deepcopy(model)
                 t = time.time()
-                rec = prune_model(m, scores, names, method, ratio)
+                rec = prune_model(m, scores, names, method, ratio, options=dict(options))
                 q = _measure(m, tok, texts, mc, general)
                 d = dense[name]
                 row = {
-                    "setting": name, "expert": expert, "method": method, "target_ratio": ratio,
+                    "setting": name, "expert": expert, "method": label, "base_method": method,
+                    "options": options, "ablation": label in ABLATIONS, "target_ratio": ratio,
                     "achieved_ratio": round(rec["achieved_ratio"], 4), **{k: round(v, 4) for k, v in q.items()},
                     "ppl_retention": round(d["expert_ppl"] / q["expert_ppl"], 4),
                     "general_ppl_retention": round(d["general_ppl"] / q["general_ppl"], 4),
@@ -84,7 +98,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
                 if "mc_acc" in q and d.get("mc_acc"):
                     row["acc_retention"] = round(q["mc_acc"] / d["mc_acc"], 4)
                 rows.append(row)
-                print(f"[quality] {name} r={ratio} {method}: ppl {q['expert_ppl']:.2f} "
+                print(f"[quality] {name} r={ratio} {label}: ppl {q['expert_ppl']:.2f} "
                       f"general {q['general_ppl']:.2f} acc {q.get('mc_acc', float('nan')):.3f}", flush=True)
                 del m
     payload = {

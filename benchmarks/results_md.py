@@ -38,6 +38,8 @@ def _quality_plot(q: dict, path: Path) -> None:
         for method, pts in sorted(by_method.items()):
             pts.sort()
             style = dict(linewidth=2.5, color="black") if method == "cusprun" else dict(linewidth=1.2)
+            if "[" in method:  # ablations: a recipe field swapped
+                style["linestyle"] = "--"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, **style)
         ax.set_title(setting)
         ax.set_xlabel("pruning ratio (non-embedding params)")
@@ -72,6 +74,7 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
                       key=lambda r: (r["target_ratio"], r["expert_ppl"]))
         for r in rows:
             name = f"**{r['method']}**" if r["method"] == "cusprun" else r["method"]
+            name = f"*{name}* (ablation)" if r.get("ablation") else name
             achieved = "-" if r.get("achieved_ratio") is None else f"{r['achieved_ratio']:.3f}"
             lines.append(f"| {r['target_ratio']:.2f} | {name} | {achieved} | {r['expert_ppl']:.2f} | "
                          f"{r['ppl_retention']:.3f} | {r.get('mc_acc', float('nan')):.3f} | {r['general_ppl']:.2f} |")
@@ -80,29 +83,59 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
     return lines
 
 
+def _best(rows: list[dict], key: str, higher: bool) -> dict:
+    return (max if higher else min)(rows, key=lambda r: r.get(key, float("nan")) if key in r else (-1 if higher else 1e30))
+
+
 def _verdict(q: dict) -> list[str]:
-    """Where Cus-Prun wins and where it does not, computed from the rows."""
-    lines = []
+    """Where Cus-Prun wins and where it does not, computed from the rows: against the best other published
+    method on each measure, and against the ablations that swap the head policy."""
     groups = defaultdict(dict)
     for r in q["rows"]:
         groups[(r["setting"], r["target_ratio"])][r["method"]] = r
-    wins, losses = [], []
+    table = ["| setting | ratio | expert ppl: cusprun | best other | MC acc: cusprun | best other | "
+             "general ppl: cusprun | best other |", "|---|---|---|---|---|---|---|---|"]
+    wins = {"expert ppl": 0, "MC acc": 0, "general ppl": 0}
+    n, lost = 0, []
+    same_policy = []  # (cusprun ppl, wanda-sp with cusprun's head policy ppl)
     for (setting, ratio), methods in sorted(groups.items()):
-        if "cusprun" not in methods or len(methods) < 2:
+        if "cusprun" not in methods:
             continue
-        best_other = min((r for m, r in methods.items() if m != "cusprun"), key=lambda r: r["expert_ppl"])
+        others = [r for m, r in methods.items() if m != "cusprun" and not r.get("ablation")]
+        if not others:
+            continue
+        n += 1
         c = methods["cusprun"]
-        entry = (f"{setting} at {ratio:.2f}: cusprun {c['expert_ppl']:.2f} vs best other "
-                 f"{best_other['method']} {best_other['expert_ppl']:.2f}")
-        (wins if c["expert_ppl"] <= best_other["expert_ppl"] else losses).append(entry)
-    lines.append(f"Expert perplexity, Cus-Prun against the best other method per setting and ratio: "
-                 f"best in {len(wins)} of {len(wins) + len(losses)}.")
-    lines.append("")
-    if wins:
-        lines += ["Cus-Prun is best:", ""] + [f"- {w}" for w in wins] + [""]
-    if losses:
-        lines += ["Cus-Prun is not best:", ""] + [f"- {x}" for x in losses] + [""]
-    return lines
+        cells = []
+        for label, key, higher in (("expert ppl", "expert_ppl", False), ("MC acc", "mc_acc", True),
+                                   ("general ppl", "general_ppl", False)):
+            if key not in c:
+                cells += ["-", "-"]
+                continue
+            b = _best(others, key, higher)
+            won = c[key] >= b[key] if higher else c[key] <= b[key]
+            wins[label] += won
+            fmt = "{:.3f}" if key == "mc_acc" else "{:.2f}"
+            cells += [("**" + fmt + "**" if won else fmt).format(c[key]), f"{b['method']} " + fmt.format(b[key])]
+            if key == "expert_ppl" and not won:
+                lost.append(f"{setting} at {ratio:.2f} ({b['method']} {b[key]:.2f} vs {c[key]:.2f})")
+        table.append(f"| {setting} | {ratio:.2f} | " + " | ".join(cells) + " |")
+        swapped = methods.get("wanda-sp[head_policy=ffn_first]")
+        if swapped:
+            same_policy.append((c["expert_ppl"], swapped["expert_ppl"]))
+    if not n:
+        return []
+    lines = [f"Cus-Prun against the best of the other {len(others)} published methods in each of {n} "
+             f"setting/ratio cells: lowest expert perplexity in {wins['expert ppl']}, highest multiple-choice "
+             f"accuracy in {wins['MC acc']}, lowest general (out-of-expert) perplexity in {wins['general ppl']} "
+             "(ties count as wins; bold = Cus-Prun best).", ""]
+    if lost:
+        lines += ["Cells where another method has lower expert perplexity: " + "; ".join(lost) + ".", ""]
+    if same_policy:
+        beat = sum(c <= w for c, w in same_policy)
+        lines += [f"Same head policy (FFN first) for both: cusprun's scores give lower expert perplexity than "
+                  f"wanda-sp's in {beat} of {len(same_policy)} cells (rows `wanda-sp[head_policy=ffn_first]`).", ""]
+    return lines + table + [""]
 
 
 def _speed_section(s: dict) -> list[str]:
@@ -121,6 +154,10 @@ def write_results_md() -> Path:
             plot = name.replace(".json", ".png")
             _quality_plot(q, RESULTS / plot)
             lines += [f"## {title}", ""] + _verdict(q) + _quality_section(q, f"results/{plot}")
+    runs = [r for r in (_load("run.json"), _load("run-quick.json")) if r]
+    if runs:
+        lines += ["Wall-clock time of the last runs on this machine: " + "; ".join(
+            f"`{r['command']}` {r['seconds'] / 60:.1f} min ({r['date']})" for r in runs) + ".", ""]
     for name, title in (("speed.json", "Speed"), ("speed-quick.json", "Speed (quick mode)")):
         s = _load(name)
         if s:

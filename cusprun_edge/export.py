@@ -827,8 +827,16 @@ def lower_to_opset_17(onnx_model) -> None:
 
 
 def save_onnx(onnx_model, path: Path) -> None:
-    """Save with every weight in one external file beside the graph, so models over 2 GB work."""
-    ir.save(onnx_model, str(path), external_data=DATA_FILE)
+    """Save with every weight in one external file beside the graph, so models over 2 GB work.
+    onnx_ir warns once per intermediate value that has a shape but no dtype (left by the exporter's
+    shape inference) and drops that shape; the graph is valid either way, so those warnings are muted."""
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        ir.save(onnx_model, str(path), external_data=DATA_FILE)
+    finally:
+        serde_log.setLevel(level)
 
 
 # =========================================================================== precision

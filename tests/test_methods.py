@@ -2,6 +2,7 @@
 defining property that units with zero impact on the expert's corpora are the first to go."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from tiny import FAMILIES, TEXT, tiny_model
 
 from cusprun_edge import UserError, arch, load_expert
 from cusprun_edge.corpora import Corpus
-from cusprun_edge.methods import METHODS, make_plan
+from cusprun_edge.methods import METHODS, MIN_FFN_KEEP, make_plan
 from cusprun_edge.prune import prune_and_save, prune_model
 from cusprun_edge.score import ScoreSet, score_model
 from cusprun_edge.structure import check_gqa, count_params, structure_of
@@ -126,3 +127,26 @@ def test_bad_inputs(scored):
     with pytest.raises(UserError, match="empty"):
         score_model(model, None, {"x": Corpus("x", [])}, show_progress=False)
     assert check_gqa([0], [0], 6, 2) == 1
+
+
+def test_head_policy_ffn_first_spends_the_ffn_before_any_head():
+    """ffn_first removes no query head until the FFN is at its floor; fraction removes a head tier as soon
+    as a layer's fraction reaches 1/group. Both meet the same budget."""
+    model, tok = tiny_model("llama")
+    scores = score_model(model, tok, CORPORA, show_progress=False)
+    n_q = model.config.num_attention_heads
+    group = n_q // model.config.num_key_value_heads
+
+    def heads_removed(plan):
+        return sum(n_q - len(q) for q in plan.q_keep)
+
+    mid = 1.05 / group
+    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid)) == 0
+    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid, {"head_policy": "fraction"})) > 0
+    high = make_plan(model, scores, ["domain/a"], "cusprun", 0.85)
+    assert heads_removed(high) > 0
+    assert all(len(k) == max(1, math.ceil(MIN_FFN_KEEP * 128)) for k in high.ffn_keep)
+    with pytest.raises(UserError, match="head_policy=heads_last is not valid"):
+        make_plan(model, scores, ["domain/a"], "cusprun", 0.2, {"head_policy": "heads_last"})
+    with pytest.raises(UserError, match="does not fit"):
+        make_plan(model, scores, ["domain/a"], "cusprun", 0.2, {"allocation": "layers"})
