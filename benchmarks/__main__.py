@@ -1,4 +1,5 @@
-"""`python -m benchmarks [quality|speed|all] [--quick]` writes results/*.json and RESULTS.md."""
+"""`python -m benchmarks [quality|speed|all] [--quick] [--model M --settings a,b]` writes results/*.json
+and RESULTS.md."""
 
 import argparse
 import sys
@@ -14,11 +15,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("which", nargs="?", default="all", choices=["quality", "speed", "all"])
     parser.add_argument("--quick", action="store_true", help="one setting, one ratio, three methods")
+    parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality only: the model to prune")
+    parser.add_argument("--settings", default="", help="quality only: comma-separated subset of "
+                        + ", ".join(quality.SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.time()
     if args.which in ("quality", "all"):
-        quality.run(quick=args.quick)
+        quality.run(quick=args.quick, model_name=args.model,
+                    only=[x for x in args.settings.split(",") if x] or None)
     if args.which in ("speed", "all"):
         from . import speed
 

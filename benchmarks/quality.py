@@ -55,15 +55,33 @@ def _eval_sets(spec: ExpertSpec):
 
 def _measure(model, tok, texts, mc, general) -> dict:
     fn = torch_logits_fn(model)
-    out = {"expert_ppl": perplexity(fn, tok, texts), "general_ppl": perplexity(fn, tok, general)}
+    # logits are [batch, tokens, vocab] in fp32: Gemma's 262k vocabulary needs smaller batches than SmolLM2's 49k
+    batch = max(1, int(8 * 49152 / model.config.vocab_size))
+    out = {"expert_ppl": perplexity(fn, tok, texts, batch_size=batch),
+           "general_ppl": perplexity(fn, tok, general, batch_size=batch)}
     if mc:
         out["mc_acc"] = mc_accuracy(fn, tok, mc)
     return out
 
 
-def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def results_name(quick: bool, model_name: str) -> str:
+    """quality.json for the default full run; other models and quick mode get their own file."""
+    suffix = ("" if model_name == DEFAULT_MODEL else f"-{model_name}") + ("-quick" if quick else "")
+    return f"quality{suffix}.json"
+
+
+def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | None = None) -> dict:
     torch.manual_seed(0)
-    settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
+    if only:
+        unknown = [s for s in only if s not in SETTINGS]
+        if unknown:
+            raise SystemExit(f"unknown setting {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+        settings = {s: SETTINGS[s] for s in only}
+    else:
+        settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
     ratios = [0.25] if quick else RATIOS
     methods = variants(quick)
     model, tok = load_model(model_name)
@@ -105,5 +123,5 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
         "benchmark": "quality", "quick": quick, "model": model_name, "machine": machine(),
         "scoring_seconds": round(score_seconds, 1), "dense": dense, "rows": rows,
     }
-    write_json("quality-quick.json" if quick else "quality.json", payload)
+    write_json(results_name(quick, model_name), payload)
     return payload

@@ -9,6 +9,7 @@ from pathlib import Path
 from .common import RESULTS
 
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
+NOTES = RESULTS / "notes.md"  # hand-written reading of the last full run, kept beside its JSON
 
 
 def _load(name: str) -> dict | None:
@@ -148,16 +149,21 @@ def write_results_md() -> Path:
     lines = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks`) from `benchmarks/results/*.json`; every figure "
              "below was measured on the machine named with it.", ""]
-    for name, title in (("quality.json", "Quality"), ("quality-quick.json", "Quality (quick mode)")):
-        q = _load(name)
-        if q:
-            plot = name.replace(".json", ".png")
-            _quality_plot(q, RESULTS / plot)
-            lines += [f"## {title}", ""] + _verdict(q) + _quality_section(q, f"results/{plot}")
     runs = [r for r in (_load("run.json"), _load("run-quick.json")) if r]
     if runs:
         lines += ["Wall-clock time of the last runs on this machine: " + "; ".join(
             f"`{r['command']}` {r['seconds'] / 60:.1f} min ({r['date']})" for r in runs) + ".", ""]
+    if NOTES.exists():
+        lines += ["## Reading the results", "", NOTES.read_text().strip(), ""]
+    quality_files = ["quality.json"] + sorted(p.name for p in RESULTS.glob("quality-*.json"))
+    for name in quality_files:
+        q = _load(name)
+        if q:
+            title = "Quality" if name == "quality.json" else f"Quality: {q['model']}" + (
+                " (quick mode)" if q.get("quick") else "")
+            plot = name.replace(".json", ".png")
+            _quality_plot(q, RESULTS / plot)
+            lines += [f"## {title}", ""] + _verdict(q) + _quality_section(q, f"results/{plot}")
     for name, title in (("speed.json", "Speed"), ("speed-quick.json", "Speed (quick mode)")):
         s = _load(name)
         if s:

@@ -132,7 +132,9 @@ def speed_markdown(s: dict) -> list[str]:
              f"{m['cpu']} ({m['cores']} cores), onnxruntime {m['onnxruntime']}, onnxruntime-genai "
              f"{m['onnxruntime_genai']}. CPU execution provider, 2 intra-op threads. Each table is one run: "
              "dense and experts side by side. RSS loaded: the benchmark process after the model is loaded; peak "
-             "RSS also holds the runtime's generation buffers (KV cache, logits), which the pruning does not shrink.", ""]
+             "RSS also holds the runtime's generation buffers (KV cache, logits), which the pruning does not shrink. "
+             "int4 artifacts marked 8-bit down/qkv failed the int4 parity gate with plain 4-bit weights and were "
+             "exported with those projections at 8 bits (see export.int4_eight_bit_modules).", ""]
     lines += [f"Reference: dense PyTorch fp32 eager greedy generation {s['eager_pytorch']['tok_s']} tokens/s. "
               f"First load of the embedded model (GGUF dequantized and cached) {s['load']['first_load_s']} s; "
               f"second load {s['load']['second_load_s']} s.", ""]
@@ -156,6 +158,8 @@ def speed_markdown(s: dict) -> list[str]:
             pre = " | ".join(f"{r['prefill'][str(n)]['p50_ms']:.1f}" if str(n) in r["prefill"] else "-"
                              for n in prompt_lengths)
             sp = speed.get(label, {}).get("decode")
+            if art.get("eight_bit_modules"):
+                label += " (8-bit down/qkv)"
             lines.append(f"| {label} | {art['params']:,} | {art['file_bytes'] / 2**20:.1f} | {pre} | "
                          f"{r['decode']['per_token']['p50_ms']:.2f} | {r['decode']['tok_s']:.1f} | "
                          f"{'%.2fx' % sp if sp else '-'} | {_mb(r.get('rss_loaded_mb'))} | {_mb(r.get('peak_rss_mb'))} |")

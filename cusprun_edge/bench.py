@@ -199,7 +199,9 @@ def bench(
     info = {}
     for label, path, manifest in zip(names, paths, manifests):
         params = manifest.get("parameters") or {}
+        eight_bit = (manifest.get("quantization") or {}).get("eight_bit")
         info[label] = {"path": str(path), "pruned": bool(manifest.get("pruned")), "precision": manifest.get("precision"),
+                       "eight_bit_modules": eight_bit["modules"] if eight_bit else None,
                        "params": params.get("total"), "file_bytes": model_file_bytes(path),
                        "total_bytes": manifest.get("total_bytes")}
     baseline = next((n for n in names if not info[n]["pruned"]), names[0])

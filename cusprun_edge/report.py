@@ -122,6 +122,14 @@ def _retention(validate: dict | None) -> dict:
     return out
 
 
+def _precision_label(manifest: dict | None) -> str | None:
+    """The precision, and which projections a mixed int4 export kept at 8 bits (export's fallback)."""
+    if not manifest:
+        return None
+    eight_bit = (manifest.get("quantization") or {}).get("eight_bit")
+    return manifest.get("precision") + (f" ({'/'.join(eight_bit['modules'])} at 8 bits)" if eight_bit else "")
+
+
 def _model_side(build: dict, side: str, label: str) -> dict:
     manifest = build["manifests"].get(side)
     bench = build["bench"]
@@ -136,7 +144,7 @@ def _model_side(build: dict, side: str, label: str) -> dict:
     return {
         "params": params,
         "file_bytes": file_bytes,
-        "precision": (manifest or {}).get("precision"),
+        "precision": _precision_label(manifest),
         "eval": _eval(build["validate"], side),
         "latency": _latency(bench, label),
         "structure": (manifest or {}).get("structure"),

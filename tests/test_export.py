@@ -383,3 +383,27 @@ def test_smollm2_int4_for_x86_answers_paris(smollm2, tmp_path):
     answer = tokenizer.decode(generator.get_sequence(0)[len(ids):])
     print(f"GenAI answer: {answer!r}")
     assert "Paris" in answer
+
+
+def test_int4_falls_back_to_8bit_down_and_qkv_when_plain_int4_fails_parity(tmp_path):
+    """A model plain int4 rounds too far gets 8-bit down/q/k/v projections (and says so); the gate still
+    refuses a model even that cannot keep, leaving nothing behind."""
+    import onnx
+
+    model, tok = pruned("llama")
+    plain = export_model(model, tok, "x86-cpu", tmp_path / "plain", precision="int4", thresholds=TINY_QUANTIZED)
+    assert "eight_bit" not in plain["quantization"]
+    plain_rms = plain["parity"]["int4"]["rel_rms"]
+    limit = {"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": plain_rms * 0.9}}
+    mixed = export_model(model, tok, "x86-cpu", tmp_path / "mixed", precision="int4", thresholds=limit)
+    q = mixed["quantization"]
+    assert q["eight_bit"]["matmuls"] == 2 * 3  # down_proj and the packed qkv of each of the 3 layers
+    assert "plain int4 failed parity" in q["fallback"] and q["fallback"] in mixed["notes"]
+    assert mixed["parity"]["int4"]["passed"] and mixed["parity"]["int4"]["rel_rms"] < plain_rms * 0.9
+    graph = onnx.load(str(tmp_path / "mixed" / "model.onnx"), load_external_data=False).graph
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    assert bits.count(8) == 6 and bits.count(4) == len(bits) - 6
+    with pytest.raises(UserError, match=r"failed parity \(int4\).*try --precision int8"):
+        export_model(model, tok, "x86-cpu", tmp_path / "never", precision="int4",
+                     thresholds={"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": 1e-6}})
+    assert not (tmp_path / "never").exists()

@@ -1,0 +1,29 @@
+"""The benchmark verdict (where Cus-Prun wins and where it does not) is computed from the result rows:
+ablations never count as 'another method', and each measure keeps its own direction."""
+
+from benchmarks.results_md import _verdict
+
+
+def _row(method, ppl, acc, general, ablation=False, ratio=0.25):
+    return {"setting": "code", "target_ratio": ratio, "method": method, "expert_ppl": ppl, "mc_acc": acc,
+            "general_ppl": general, "ablation": ablation}
+
+
+def test_verdict_counts_wins_per_measure_and_ignores_ablations():
+    rows = [
+        _row("cusprun", 10.0, 0.30, 50.0), _row("flap", 12.0, 0.40, 40.0), _row("wanda-sp", 11.0, 0.20, 60.0),
+        _row("wanda-sp[head_policy=ffn_first]", 9.0, 0.9, 10.0, ablation=True),
+        _row("cusprun", 30.0, 0.30, 50.0, ratio=0.45), _row("flap", 20.0, 0.30, 70.0, ratio=0.45),
+        _row("wanda-sp[head_policy=ffn_first]", 40.0, 0.1, 90.0, ablation=True, ratio=0.45),
+    ]
+    text = "\n".join(_verdict({"rows": rows}))
+    assert "each of 2 setting/ratio cells: lowest expert perplexity in 1, highest multiple-choice accuracy " \
+           "in 1, lowest general (out-of-expert) perplexity in 1" in text
+    assert "code at 0.45 (flap 20.00 vs 30.00)" in text
+    assert "wanda-sp's in 1 of 2 cells" in text
+    # the ablation's better figures at 0.25 are not 'best other'
+    assert "| code | 0.25 | **10.00** | wanda-sp 11.00 | 0.300 | flap 0.400 | 50.00 | flap 40.00 |" in text
+
+
+def test_verdict_without_other_methods_says_nothing():
+    assert _verdict({"rows": [_row("cusprun", 10.0, 0.3, 50.0)]}) == []
