@@ -68,8 +68,11 @@ DECODE_STEPS = 3
 # one near-tie flipping costs 0.06 of the cached score, so its floors sit well below what faithful
 # exports measure and only catch a broken graph (top-1 near 0).
 # Measured on SmolLM2-135M and two 25%-pruned SmolLM2 experts (x86, onnxruntime CPU):
-#   fp32  max_abs_diff 1e-4 - 3e-4: the same math in another order. 1e-3 still catches any real bug
-#         (a wrong mask, rotary position or cache step is > 0.1).
+#   fp32  max_abs_diff 1e-4 - 3e-4 (dense, 25% experts), rel_rms < 1e-5: the same math in another
+#         order. A 45%-pruned expert measured max_abs_diff 0.003-0.006 at rel_rms 8e-5, KL 2e-9, top-1
+#         1.0 (its logits are larger and its activations spikier), so the absolute limit is 0.02 and the
+#         scale-free rel_rms 1e-3 carries the check: a wrong mask, rotary position or cache step
+#         measures > 0.1 in both.
 #   fp16  rel_rms 0.003, KL < 1e-4, top-1 1.0. A broken fp16 graph (RMSNorm overflow) measured
 #         rel_rms 1.9 and top-1 0.0.
 #   int8  (8-bit weight-only) KL 0.010-0.012, rel_rms 0.10-0.14, top-1 0.875-0.96.
@@ -81,7 +84,7 @@ DECODE_STEPS = 3
 # Tiny random test models have almost flat distributions, so KL and top-1 say little there; the
 # tests check rel_rms on them instead.
 THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"max_abs_diff": 1e-3, "min_top1": 0.9},
+    "fp32": {"max_abs_diff": 0.02, "max_rel_rms": 1e-3, "min_top1": 0.9},
     "fp16": {"max_rel_rms": 0.05, "max_kl": 0.01, "min_top1": 0.85},
     "int8": {"max_rel_rms": 0.3, "max_kl": 0.05, "min_top1": 0.75},
     "int4": {"max_kl": 1.5, "min_top1": 0.35},
