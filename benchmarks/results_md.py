@@ -30,12 +30,13 @@ def _quality_plot(q: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(q["dense"])
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings) + 2.6, 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         by_method = defaultdict(list)
         for r in q["rows"]:
             if r["setting"] == setting:
-                by_method[r["method"]].append((r["target_ratio"], r["ppl_retention"]))
+                # from the perplexities: the stored retention is rounded to 4 decimals, 0 for collapsed models
+                by_method[r["method"]].append((r["target_ratio"], q["dense"][setting]["expert_ppl"] / r["expert_ppl"]))
         for method, pts in sorted(by_method.items()):
             pts.sort()
             style = dict(linewidth=2.5, color="black") if method == "cusprun" else dict(linewidth=1.2)
@@ -47,8 +48,9 @@ def _quality_plot(q: dict, path: Path) -> None:
         ax.set_ylabel("ppl retention (dense/expert)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(handles, labels, loc="center right", fontsize=8)  # outside the panels: lines stay visible
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
