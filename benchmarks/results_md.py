@@ -87,7 +87,8 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
 
 
 def _best(rows: list[dict], key: str, higher: bool) -> dict:
-    return (max if higher else min)(rows, key=lambda r: r.get(key, float("nan")) if key in r else (-1 if higher else 1e30))
+    missing = float("-inf") if higher else float("inf")  # a row without the measure never wins
+    return (max if higher else min)(rows, key=lambda r: r.get(key, missing))
 
 
 def _verdict(q: dict) -> list[str]:

@@ -63,7 +63,7 @@ def eager_tok_s(model, tok, new_tokens: int) -> dict:
     return {"new_tokens": int(out.shape[1] - ids.shape[1]), "tok_s": round((out.shape[1] - ids.shape[1]) / seconds, 2)}
 
 
-def pipeline_build(quick: bool) -> tuple[Path, dict]:
+def pipeline_build() -> tuple[Path, dict]:
     """A real `cusprun-edge build` (Python API) from scratch: its per-stage seconds are what a user waits."""
     out = WORK / "build"
     if out.exists():
@@ -82,7 +82,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
     precisions = ["int4"] if quick else ["int4", "fp32"]
     WORK.mkdir(parents=True, exist_ok=True)
     loads = load_times(model_name)
-    build_dir, pipeline = pipeline_build(quick)
+    build_dir, pipeline = pipeline_build()
     print(f"[speed] pipeline stages (s): {pipeline['stages_s']}", flush=True)
     model, tok = load_model(model_name)
     eager = eager_tok_s(model, tok, 32 if quick else 128)

@@ -212,7 +212,7 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         t = time.perf_counter()
         parity[precision] = check_parity(tmp / MODEL_FILE, reference, limits[precision])
         timings[f"parity_{precision}"] = round(time.perf_counter() - t, 2)
-        if precision == "int4" and not parity[precision]["passed"] and "onnxruntime cannot" not in parity[precision]["failure"]:
+        if precision == "int4" and not parity[precision]["passed"] and parity[precision].get("ran", True):
             t = time.perf_counter()
             quantization, parity[precision] = _mixed_int4(model, fp32_dir, tmp, reference, limits[precision],
                                                            parity[precision]["failure"])
@@ -901,14 +901,13 @@ def _mixed_int4(model, fp32_dir: Path, tmp: Path, reference, limits, plain_failu
     projections that suffer most get 8-bit weights (as llama.cpp's Q4_K_M keeps some at 6 bits)."""
     for name in (MODEL_FILE, DATA_FILE):
         (tmp / name).unlink(missing_ok=True)  # onnx appends external data to an existing file
-    quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, "int4",
-                                     eight_bit=int4_eight_bit_modules(model))
+    modules = int4_eight_bit_modules(model)
+    quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, "int4", eight_bit=modules)
     parity = check_parity(tmp / MODEL_FILE, reference, limits)
     parity["plain_int4_failure"] = plain_failure
     outcome = "passed" if parity["passed"] else f"failed too ({parity['failure']})"
-    quantization["fallback"] = (f"plain int4 failed parity ({plain_failure}); 8-bit "
-                                f"{'/'.join(quantization.get('eight_bit', {}).get('modules', []))} with 4-bit "
-                                f"elsewhere {outcome}")
+    quantization["fallback"] = (f"plain int4 failed parity ({plain_failure}); 8-bit {'/'.join(modules)} "
+                                f"with 4-bit elsewhere {outcome}")
     return quantization, parity
 
 
@@ -1118,7 +1117,7 @@ def check_parity(path: Path, reference: list[dict], limits: dict[str, float]) ->
     try:
         rows = _run_reference(_Runner(_session(path)), reference)
     except Exception as exc:  # noqa: BLE001 - a graph ONNX Runtime rejects fails the gate, with the reason
-        return {"passed": False, "failure": f"onnxruntime cannot run it ({_one_line(exc)})"}
+        return {"passed": False, "ran": False, "failure": f"onnxruntime cannot run it ({_one_line(exc)})"}
     report = {mode: _compare(np.concatenate(got), np.concatenate(want)) for mode, (got, want) in rows.items()}
     overall = {key: (max if key != "top1_agreement" else min)(r[key] for r in report.values())
                for key in ("max_abs_diff", "rel_rms", "kl_divergence", "top1_agreement")}
