@@ -9,6 +9,7 @@ expert does not cover), retention against dense, and the achieved parameter rati
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 import torch
@@ -78,7 +79,8 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
     if only:
         unknown = [s for s in only if s not in SETTINGS]
         if unknown:
-            raise SystemExit(f"unknown setting {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+            print(f"unknown setting {', '.join(unknown)}; choose from {', '.join(SETTINGS)}", file=sys.stderr)
+            raise SystemExit(2)
         settings = {s: SETTINGS[s] for s in only}
     else:
         settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
