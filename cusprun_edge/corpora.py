@@ -22,14 +22,23 @@ def calib_root() -> Path:
     return Path(__file__).resolve().parent.parent / "calib"
 
 
+TUNE_EVERY = 5  # every 5th calibration document is held apart from scoring, for choosing hyper-parameters
+
+
 @dataclass
 class Corpus:
-    """Documents of one category, split into calibration (scoring) and held-out evaluation parts."""
+    """Documents of one category in three disjoint parts:
+    - `calib`: scoring and reconstruction statistics;
+    - `tune`: calibration documents held apart from scoring, the only text any hyper-parameter
+      (ridge term, allocation, ratio search) may be chosen on;
+    - `eval` (and `mc`): held out for evaluation, never used by any decision.
+    """
 
     name: str  # "language/fr", "domain/medical" or "user:<path>"
     calib: list[str]
     eval: list[str] = field(default_factory=list)
     mc: list[dict] = field(default_factory=list)  # held-out multiple-choice items
+    tune: list[str] = field(default_factory=list)
 
     def sha256(self) -> str:
         return hashlib.sha256("\x00".join(self.calib).encode()).hexdigest()
@@ -70,12 +79,23 @@ def builtin_corpus(dimension: str, category: str) -> Corpus:
     rows = _read_jsonl(path)
     mc_path = path.with_name(f"{category}.mc.jsonl")
     mc = _read_jsonl(mc_path, text_field=None) if mc_path.exists() else []
+    calib, tune = split_tune([r["text"] for r in rows if r.get("split") == "calib"])
     return Corpus(
         name=f"{dimension}/{category}",
-        calib=[r["text"] for r in rows if r.get("split") == "calib"],
+        calib=calib,
         eval=[r["text"] for r in rows if r.get("split") == "eval"],
         mc=mc,
+        tune=tune,
     )
+
+
+def split_tune(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(scoring documents, held-apart tuning documents): every TUNE_EVERY-th document is held apart,
+    so both parts span the whole file; corpora under 2*TUNE_EVERY documents are all used for scoring."""
+    if len(docs) < 2 * TUNE_EVERY:
+        return docs, []
+    tune = [d for i, d in enumerate(docs) if i % TUNE_EVERY == TUNE_EVERY - 1]
+    return [d for i, d in enumerate(docs) if i % TUNE_EVERY != TUNE_EVERY - 1], tune
 
 
 def read_texts(source: str, text_field: str = "text") -> list[str]:
@@ -133,11 +153,13 @@ def _datasets_texts(source: str, text_field: str, local: bool) -> list[str]:
 
 
 def user_corpus(source: str, eval_fraction: float = 0.25) -> Corpus:
-    """A user's corpus; the last quarter of its documents is held out for evaluation."""
+    """A user's corpus; the last quarter of its documents is held out for evaluation, and every
+    TUNE_EVERY-th of the rest is held apart from scoring for tuning."""
     texts = read_texts(source)
     n_eval = int(len(texts) * eval_fraction) if len(texts) >= 4 else 0
     cut = len(texts) - n_eval
-    return Corpus(name=f"user:{source}", calib=texts[:cut], eval=texts[cut:])
+    calib, tune = split_tune(texts[:cut])
+    return Corpus(name=f"user:{source}", calib=calib, eval=texts[cut:], tune=tune)
 
 
 @dataclass

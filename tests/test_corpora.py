@@ -29,9 +29,11 @@ def test_every_required_category_is_shipped():
 @pytest.mark.parametrize("dim,cat", [(d, c) for d, cs in REQUIRED.items() for c in sorted(cs)])
 def test_category_sizes_and_held_out_split(dim, cat):
     c = builtin_corpus(dim, cat)
-    assert len(c.calib) >= 60 and len(c.eval) >= 20
+    assert len(c.calib) + len(c.tune) >= 60 and len(c.eval) >= 20
+    assert len(c.tune) >= 12, "hyper-parameters need documents held apart from scoring"
     assert not set(c.calib) & set(c.eval), "evaluation text must never be calibration text"
-    assert len(set(c.calib + c.eval)) == len(c.calib) + len(c.eval)
+    assert not set(c.tune) & (set(c.calib) | set(c.eval)), "tuning text is neither scored nor evaluated"
+    assert len(set(c.calib + c.eval + c.tune)) == len(c.calib) + len(c.eval) + len(c.tune)
     if dim != "language":
         assert len(c.mc) >= 40
         for item in c.mc:
