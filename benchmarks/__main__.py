@@ -1,5 +1,5 @@
-"""`python -m benchmarks [quality|speed|all] [--quick] [--model M --settings a,b]` writes results/*.json
-and RESULTS.md."""
+"""`python -m benchmarks [quality|frontier|speed|all] [--quick] [--model M --settings a,b]` writes
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder."""
 
 import argparse
 import sys
@@ -12,11 +12,16 @@ from .common import write_json
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["builder"]:  # its own options (see benchmarks/builder.py)
+        from . import builder
+
+        builder.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="?", default="all", choices=["quality", "speed", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["quality", "frontier", "speed", "all"])
     parser.add_argument("--quick", action="store_true", help="one setting, one ratio, three methods")
-    parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality only: the model to prune")
-    parser.add_argument("--settings", default="", help="quality only: comma-separated subset of "
+    parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality and frontier: the model to prune")
+    parser.add_argument("--settings", default="", help="quality and frontier: comma-separated subset of "
                         + ", ".join(quality.SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -24,6 +29,11 @@ def main() -> None:
     if args.which in ("quality", "all"):
         quality.run(quick=args.quick, model_name=args.model,
                     only=[x for x in args.settings.split(",") if x] or None)
+    if args.which in ("frontier", "all"):
+        from . import frontier
+
+        frontier.run(quick=args.quick, model_name=args.model,
+                     only=[x for x in args.settings.split(",") if x] or None)
     if args.which in ("speed", "all"):
         from . import speed
 

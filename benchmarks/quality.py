@@ -9,6 +9,7 @@ expert does not cover), retention against dense, and the achieved parameter rati
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 
@@ -22,7 +23,7 @@ from cusprun_edge.prune import prune_model
 from cusprun_edge.score import score_model
 from cusprun_edge.structure import structure_of
 
-from .common import machine, write_json
+from .common import RESULTS, machine, write_json
 
 SETTINGS = {
     "code": "domain=code",
@@ -31,18 +32,36 @@ SETTINGS = {
 }
 RATIOS = [0.25, 0.35, 0.45]
 # Ablations: each method as published, plus the head policy swapped both ways, so the table separates
-# what Cus-Prun's scores bring from what sparing attention heads brings (see methods.MethodSpec.head_policy).
+# what Cus-Prun's scores bring from what sparing attention heads brings (see methods.MethodSpec.head_policy),
+# and every method with reconstruction switched the other way (on for the baselines, off for cusprun), so the
+# table shows what the refit adds and whether Cus-Prun's selection still matters once every method is refitted.
 ABLATIONS = {
     "cusprun[head_policy=fraction]": ("cusprun", {"head_policy": "fraction"}),
     "wanda-sp[head_policy=ffn_first]": ("wanda-sp", {"head_policy": "ffn_first"}),
+    # statistics from the dense model in one pass instead of the pruned earlier layers (sequential)
+    "cusprun[reconstruct=one-shot]": ("cusprun", {"reconstruct": "one-shot"}),
 }
 
 
+def _reconstruction_ablations(methods) -> dict[str, tuple[str, dict]]:
+    out = {}
+    for m in methods:
+        spec = METHODS[m]
+        if spec.allocation == "layers":  # whole layers: no kept columns to refit
+            continue
+        flip = "none" if spec.reconstruct != "none" else "sequential"
+        out[f"{m}[reconstruct={flip}]"] = (m, {"reconstruct": flip})
+    return out
+
+
 def variants(quick: bool) -> dict[str, tuple[str, dict]]:
-    """Row label -> (method, recipe overrides)."""
-    if quick:
-        return {m: (m, {}) for m in ("cusprun", "wanda-sp", "flap")}
-    return {m: (m, {}) for m in METHODS} | ABLATIONS
+    """Row label -> (method, recipe overrides); cusprun and its reconstruction ablation first, so a run that
+    stops early has the rows that matter most."""
+    methods = ("cusprun", "wanda-sp", "flap") if quick else tuple(METHODS)
+    base = {m: (m, {}) for m in methods}
+    recon = _reconstruction_ablations(methods)
+    first = {"cusprun": base.pop("cusprun"), "cusprun[reconstruct=none]": recon.pop("cusprun[reconstruct=none]")}
+    return first | base | recon | ({} if quick else ABLATIONS)
 
 
 def _eval_sets(spec: ExpertSpec):
@@ -86,44 +105,69 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
         settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
     ratios = [0.25] if quick else RATIOS
     methods = variants(quick)
+    # resume: rows already in the results file are kept and not measured again
+    path = RESULTS / results_name(quick, model_name)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    # (rows from before reconstruction existed, which scored on all calibration documents, are measured again)
+    rows = [r for r in old.get("rows", []) if "reconstruction" in r] if old.get("model") == model_name else []
+    done = {(r["setting"], r["method"], r["target_ratio"]) for r in rows}
+    dense = old.get("dense", {}) if rows else {}
+    todo = [(n, r, label) for n in settings for r in ratios for label in methods if (n, label, r) not in done]
+    if not todo:
+        print(f"[quality] every row is already in {path.name}", flush=True)
     model, tok = load_model(model_name)
     t0 = time.time()
     needed = {n for s in settings.values() for n in ExpertSpec.parse(s).corpora()}
     corpora = {k: v for k, v in all_builtin_corpora().items() if k in needed}
-    scores = score_model(model, tok, corpora, show_progress=False)
-    score_seconds = time.time() - t0
-    rows = []
-    dense = {}
+    scores = score_model(model, tok, corpora, show_progress=False) if todo else None
+    score_seconds = round(time.time() - t0, 1) if todo else old.get("scoring_seconds")
+    payload = {"benchmark": "quality", "quick": quick, "model": model_name, "machine": machine(),
+               "scoring_seconds": score_seconds, "dense": dense, "rows": rows}
+    evals = {}
     for name, expert in settings.items():
-        spec = ExpertSpec.parse(expert)
-        names, texts, mc, general_name, general = _eval_sets(spec)
-        dense[name] = _measure(model, tok, texts, mc, general) | {"general_corpus": general_name}
-        print(f"[quality] {name} dense {dense[name]}", flush=True)
-        for ratio in ratios:
-            for label, (method, options) in methods.items():
-                m = copy.deepcopy(model)
-                t = time.time()
-                rec = prune_model(m, scores, names, method, ratio, options=dict(options))
-                q = _measure(m, tok, texts, mc, general)
-                d = dense[name]
-                row = {
-                    "setting": name, "expert": expert, "method": label, "base_method": method,
-                    "options": options, "ablation": label in ABLATIONS, "target_ratio": ratio,
-                    "achieved_ratio": round(rec["achieved_ratio"], 4), **{k: round(v, 4) for k, v in q.items()},
-                    "ppl_retention": round(d["expert_ppl"] / q["expert_ppl"], 4),
-                    "general_ppl_retention": round(d["general_ppl"] / q["general_ppl"], 4),
-                    "params": rec["params_after"]["total"], "seconds": round(time.time() - t, 1),
-                    "ffn_widths": structure_of(m).intermediate_sizes,
-                }
-                if "mc_acc" in q and d.get("mc_acc"):
-                    row["acc_retention"] = round(q["mc_acc"] / d["mc_acc"], 4)
-                rows.append(row)
-                print(f"[quality] {name} r={ratio} {label}: ppl {q['expert_ppl']:.2f} "
-                      f"general {q['general_ppl']:.2f} acc {q.get('mc_acc', float('nan')):.3f}", flush=True)
-                del m
-    payload = {
-        "benchmark": "quality", "quick": quick, "model": model_name, "machine": machine(),
-        "scoring_seconds": round(score_seconds, 1), "dense": dense, "rows": rows,
-    }
-    write_json(results_name(quick, model_name), payload)
+        if any(t[0] == name for t in todo):
+            evals[name] = _eval_sets(ExpertSpec.parse(expert))
+            if name not in dense:
+                texts, mc, general_name, general = evals[name][1:]
+                dense[name] = _measure(model, tok, texts, mc, general) | {"general_corpus": general_name}
+            print(f"[quality] {name} dense {dense[name]}", flush=True)
+    # cusprun with and without reconstruction in every cell before the baselines; the lowest and the highest
+    # ratio before the middle ones, so a run that stops early has the rows that matter most
+    labels, order = list(methods), [ratios[0], *ratios[-1:0:-1]]
+    todo.sort(key=lambda t: (labels.index(t[2]) > 1, order.index(t[1]), list(settings).index(t[0]),
+                             labels.index(t[2])))
+    for name, ratio, label in todo:
+        method, options = methods[label]
+        expert = settings[name]
+        names, texts, mc, general_name, general = evals[name]
+        m = copy.deepcopy(model)
+        t = time.time()
+        rec = prune_model(m, scores, names, method, ratio, options=dict(options), tokenizer=tok,
+                          corpora={n: corpora[n] for n in names})
+        prune_seconds = time.time() - t
+        q = _measure(m, tok, texts, mc, general)
+        d = dense[name]
+        recon = rec["reconstruction"]
+        row = {
+            "setting": name, "expert": expert, "method": label, "base_method": method,
+            "options": options, "ablation": "[" in label, "target_ratio": ratio,
+            "achieved_ratio": round(rec["achieved_ratio"], 4), **{k: round(v, 4) for k, v in q.items()},
+            "ppl_retention": round(d["expert_ppl"] / q["expert_ppl"], 4),
+            "general_ppl_retention": round(d["general_ppl"] / q["general_ppl"], 4),
+            "params": rec["params_after"]["total"], "seconds": round(time.time() - t, 1),
+            "prune_seconds": round(prune_seconds, 1), "prune_peak_rss_mb": rec.get("peak_rss_mb"),
+            "reconstruction": {k: recon.get(k) for k in ("mode", "target", "ridge", "ridge_counts",
+                                                          "tried", "note") if k in recon},
+            "ffn_widths": structure_of(m).intermediate_sizes,
+        }
+        if "mc_acc" in q and d.get("mc_acc"):
+            row["acc_retention"] = round(q["mc_acc"] / d["mc_acc"], 4)
+        rows.append(row)
+        write_json(path.name, payload | {"partial": True,
+                                         "note": f"{len(rows)} rows so far; the run resumes from here"})
+        print(f"[quality] {name} r={ratio} {label}: ppl {q['expert_ppl']:.2f} "
+              f"general {q['general_ppl']:.2f} acc {q.get('mc_acc', float('nan')):.3f} "
+              f"refit {recon.get('mode')} prune {prune_seconds:.0f} s", flush=True)
+        del m
+    write_json(path.name, payload)
     return payload

@@ -71,8 +71,8 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
         lines += [f"### {setting} (`{expert}`)", "",
                   f"Dense: expert ppl {dense['expert_ppl']:.2f}, general ppl ({dense['general_corpus']}) "
                   f"{dense['general_ppl']:.2f}{acc}.", "",
-                  "| ratio | method | achieved | expert ppl | retention | MC acc | general ppl |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| ratio | method | achieved | expert ppl | retention | MC acc | general ppl | refit | prune s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         rows = sorted((r for r in q["rows"] if r["setting"] == setting),
                       key=lambda r: (r["target_ratio"], r["expert_ppl"]))
         for r in rows:
@@ -80,10 +80,26 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
             name = f"*{name}* (ablation)" if r.get("ablation") else name
             achieved = "-" if r.get("achieved_ratio") is None else f"{r['achieved_ratio']:.3f}"
             lines.append(f"| {r['target_ratio']:.2f} | {name} | {achieved} | {r['expert_ppl']:.2f} | "
-                         f"{r['ppl_retention']:.3f} | {r.get('mc_acc', float('nan')):.3f} | {r['general_ppl']:.2f} |")
+                         f"{r['ppl_retention']:.3f} | {r.get('mc_acc', float('nan')):.3f} | {r['general_ppl']:.2f} | "
+                         f"{_refit_cell(r)} | {r.get('prune_seconds', '-')} |")
         lines.append("")
     lines += [f"![retention vs ratio]({plot_name})", ""]
     return lines
+
+
+def _refit_cell(r: dict) -> str:
+    """How the row's expert was reconstructed: mode, ridge, and the held-apart perplexity it was chosen on."""
+    rec = r.get("reconstruction")
+    if not rec:
+        return "-"
+    tried = {t["refit"]: t["tune_ppl"] for t in rec.get("tried", [])}
+    if rec.get("mode") == "none":
+        return "none" + (f" (tune {tried['none']:.2f} vs refit {tried['per-layer ridge']:.2f})"
+                         if "none" in tried and "per-layer ridge" in tried else "")
+    ridge = rec.get("ridge")
+    ridge = ridge if isinstance(ridge, str) else f"ridge {ridge:g}"
+    tune = (f", tune {tried['none']:.2f} -> {min(tried.values()):.2f}" if "none" in tried else "")
+    return f"{rec['mode']}, {ridge}{tune}"
 
 
 def _best(rows: list[dict], key: str, higher: bool) -> dict:
@@ -105,7 +121,9 @@ def _verdict(q: dict) -> list[str]:
     for (setting, ratio), methods in sorted(groups.items()):
         if "cusprun" not in methods:
             continue
-        others = [r for m, r in methods.items() if m != "cusprun" and not r.get("ablation")]
+        # every other method as published and with reconstruction switched: each at its own best setting
+        others = [r for m, r in methods.items() if not m.startswith("cusprun")
+                  and (not r.get("ablation") or "[reconstruct=" in m)]
         if not others:
             continue
         n += 1
@@ -129,7 +147,9 @@ def _verdict(q: dict) -> list[str]:
             same_policy.append((c["expert_ppl"], swapped["expert_ppl"]))
     if not n:
         return []
-    lines = [f"Cus-Prun against the best of the other {len(others)} published methods in each of {n} "
+    n_methods = len({r["method"].split("[")[0] for r in others})
+    lines = [f"Cus-Prun against the best of the other {n_methods} published methods (each with and without "
+             f"reconstruction where measured) in each of {n} "
              f"setting/ratio cells: lowest expert perplexity in {wins['expert ppl']}, highest multiple-choice "
              f"accuracy in {wins['MC acc']}, lowest general (out-of-expert) perplexity in {wins['general ppl']} "
              "(ties count as wins; bold = Cus-Prun best).", ""]
@@ -146,6 +166,49 @@ def _speed_section(s: dict) -> list[str]:
     from .speed import speed_markdown
 
     return speed_markdown(s)
+
+
+def _builder_section(b: dict) -> list[str]:
+    """Our dense int4 export beside ONNX Runtime GenAI's model builder (benchmarks/builder.py)."""
+    lines = [f"{b['what']}. Held-out text: {b['held_out']}. {_machine_line(b['machine'])}" if "date" in b["machine"]
+             else f"{b['what']}. Held-out text: {b['held_out']}.", "",
+             "| artifact | ppl | top-1 vs fp32 | KL | decode tok/s (median of rounds) | TTFT ms | files MB |",
+             "|---|---|---|---|---|---|---|"]
+    for label, q in b["quality"].items():
+        sp = b["speed"].get(label, {})
+        lines.append(f"| {label} | {q['ppl']:.3f} | {q.get('top1_agreement', 1.0):.3f} | {q.get('kl', 0.0):.4f} | "
+                     f"{sp.get('decode_tok_s', float('nan')):.1f} | {sp.get('ttft_ms', float('nan')):.0f} | "
+                     f"{b['file_mb'].get(label, float('nan'))} |")
+    st = b["settings"]
+    lines += ["", f"Speed: {st['rounds']} alternating rounds, {st['new_tokens']} new tokens after {st['prompt_tokens']} "
+              f"prompt tokens, TTFT at {st['ttft_prompt_tokens']} tokens, {st['threads']} threads; the per-round "
+              "figures are in builder.json (the machine was shared while this ran, so compare within a round).", ""]
+    return lines
+
+
+def _frontier_section(f: dict) -> list[str]:
+    points = sorted((p for p in f["points"].values() if "decode_speedup" in p),
+                    key=lambda p: (p["model"], p["setting"], p["vocab_pruned"], p["ratio"]))
+    if not points:
+        return []
+    lines = [_machine_line(f["machine"]) if "machine" in f else "", "",
+             "Each row is one x86-cpu int4 artifact: its held-out (eval split) perplexity through ONNX Runtime "
+             "against dense PyTorch fp32, and its speed against the dense int4 artifact measured as a pair in "
+             "one bench call. `bytes` is the decode speed-up the weights read per generated token predict.", "",
+             "| model | setting | ratio | vocab | ppl int4 (fp32) | ppl / dense | decode x | TTFT x | bytes x | gap |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        gap = p["decode_speedup"] / p["bytes_speedup"] - 1
+        lines.append(f"| {p['model']} | {p['setting']} | {p['ratio']:.2f} | {'pruned' if p['vocab_pruned'] else 'full'} | "
+                     f"{p['int4_ppl']:.2f} ({p['fp32_ppl']:.2f}) | {p['ppl_ratio']:.2f} | {p['decode_speedup']:.2f} | "
+                     f"{p['ttft_speedup']:.2f} | {p['bytes_speedup']:.2f} | {gap:+.0%} |")
+    for group, entry in (f.get("summary") or {}).items():
+        best = {k: v for k, v in entry.items() if k.startswith("fastest")}
+        text = "; ".join(f"{k.replace('_', ' ')}: " + (f"ratio {v['ratio']:.2f}, decode {v['decode_speedup']:.2f}x, "
+                                                       f"ppl {v['ppl_ratio']:.2f}x" if v else "none measured")
+                         for k, v in best.items())
+        lines += ["", f"{group}: frontier {', '.join(entry['frontier'])}; {text}."]
+    return lines + ["", "![frontier](results/frontier.png)", ""]
 
 
 def write_results_md() -> Path:
@@ -167,6 +230,12 @@ def write_results_md() -> Path:
             plot = name.replace(".json", ".png")
             _quality_plot(q, RESULTS / plot)
             lines += [f"## {title}", ""] + _verdict(q) + _quality_section(q, f"results/{plot}")
+    frontier = _load("frontier.json")
+    if frontier:
+        lines += ["## Speed/quality frontier", ""] + _frontier_section(frontier)
+    builder = _load("builder.json")
+    if builder:
+        lines += ["## Our int4 export beside ONNX Runtime GenAI's model builder", ""] + _builder_section(builder)
     for name, title in (("speed.json", "Speed"), ("speed-quick.json", "Speed (quick mode)")):
         s = _load(name)
         if s:

@@ -93,7 +93,8 @@ def run(quick: bool = False, model_name: str = "smollm2-135m") -> dict:
                       "params": prune_record["params_after"]["total"]}}
     for ratio in ratios[1:]:
         out = WORK / f"expert-{ratio:.2f}"
-        rec = prune_and_save(copy.deepcopy(model), tok, scores, names, "cusprun", ratio, out, force=True)
+        rec = prune_and_save(copy.deepcopy(model), tok, scores, names, "cusprun", ratio, out, force=True,
+                             corpora=ExpertSpec.parse(EXPERT).corpora())
         experts[ratio] = {"dir": out, "achieved_ratio": rec["achieved_ratio"], "params": rec["params_after"]["total"]}
     export_s, results = {}, {}
     for precision in precisions:
@@ -133,8 +134,8 @@ def speed_markdown(s: dict) -> list[str]:
              f"{m['onnxruntime_genai']}. CPU execution provider, 2 intra-op threads. Each table is one run: "
              "dense and experts side by side. RSS loaded: the benchmark process after the model is loaded; peak "
              "RSS also holds the runtime's generation buffers (KV cache, logits), which the pruning does not shrink. "
-             "int4 artifacts marked 8-bit down/qkv failed the int4 parity gate with plain 4-bit weights and were "
-             "exported with those projections at 8 bits (see export.int4_eight_bit_modules).", ""]
+             "int4 artifacts follow export.quant_plan (8-bit lm_head, grid weights stored exactly); those marked "
+             "8-bit failed the int4 gate at 4 bits and were exported with the named projections at 8 bits.", ""]
     lines += [f"Reference: dense PyTorch fp32 eager greedy generation {s['eager_pytorch']['tok_s']} tokens/s. "
               f"First load of the embedded model (GGUF dequantized and cached) {s['load']['first_load_s']} s; "
               f"second load {s['load']['second_load_s']} s.", ""]
@@ -159,7 +160,7 @@ def speed_markdown(s: dict) -> list[str]:
                              for n in prompt_lengths)
             sp = speed.get(label, {}).get("decode")
             if art.get("eight_bit_modules"):
-                label += " (8-bit down/qkv)"
+                label += f" (8-bit {'/'.join(art['eight_bit_modules'])})"
             lines.append(f"| {label} | {art['params']:,} | {art['file_bytes'] / 2**20:.1f} | {pre} | "
                          f"{r['decode']['per_token']['p50_ms']:.2f} | {r['decode']['tok_s']:.1f} | "
                          f"{'%.2fx' % sp if sp else '-'} | {_mb(r.get('rss_loaded_mb'))} | {_mb(r.get('peak_rss_mb'))} |")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import write_json
+from .stages import Stage
 
 BENCH_FILE = "bench.json"
 CPU = "CPUExecutionProvider"
@@ -174,12 +175,14 @@ def bench(
     settings: dict | None = None,
     timeout: float = 900,
     on_result=None,
+    on_run=None,
 ) -> dict:
     """Benchmark `artifacts` (export directories) side by side; writes `out` (a .json path) when given.
 
     `providers`: names or aliases (cpu, cuda, tensorrt, ...); default: the target's (`target`, else each
     artifact's manifest), CPU always. `threads`: intra-op threads (default: the target's). `quick`:
-    shorter prompts, fewer tokens and repetitions. `settings` overrides single entries of FULL/QUICK."""
+    shorter prompts, fewer tokens and repetitions. `settings` overrides single entries of FULL/QUICK.
+    `on_run(provider, label)` hears each measurement as it starts (a progress bar)."""
     import onnxruntime as ort
 
     from .runtime import model_file_bytes, read_manifest
@@ -212,11 +215,11 @@ def bench(
             report_providers[provider] = {"status": "skipped", "reason": unavailable_reason(provider)}
             continue
         engine, note = _engine_for(provider, paths)
-        results = _measure_all(names, paths, provider, engine, threads, plan, timeout)
+        results = _measure_all(names, paths, provider, engine, threads, plan, timeout, on_run)
         if engine == "onnxruntime-genai" and any("error" in r for r in results.values()):
             errors = "; ".join(f"{n}: {r['error']}" for n, r in results.items() if "error" in r)
             engine, note = "onnxruntime", f"GenAI failed ({errors}); measured with an ONNX Runtime session"
-            results = _measure_all(names, paths, provider, engine, threads, plan, timeout)
+            results = _measure_all(names, paths, provider, engine, threads, plan, timeout, on_run)
         inactive = [n for n, r in results.items() if r.get("provider_active") is False]
         if inactive:
             report_providers[provider] = {
@@ -247,9 +250,11 @@ def bench(
     return record
 
 
-def _measure_all(names, paths, provider, engine, threads, plan, timeout) -> dict:
+def _measure_all(names, paths, provider, engine, threads, plan, timeout, on_run=None) -> dict:
     results = {}
     for label, path in zip(names, paths):
+        if on_run:
+            on_run(provider, label)
         job = {"artifact": str(path), "provider": provider, "engine": engine, "threads": threads, "seed": 0,
                **{k: plan[k] for k in ("prompt_lengths", "new_tokens", "decode_prompt_tokens", "reps",
                                        "decode_reps", "warmup")}}
@@ -277,25 +282,30 @@ def summary_rows(record: dict) -> list[dict]:
     return rows
 
 
-class BenchStage:
+class BenchStage(Stage):
     """Pipeline stage: dense and expert exports benchmarked side by side on the target's providers."""
 
     name = "bench"
     depends = ("export",)
+    modules = ("bench", "runtime")
 
     def config_keys(self):
         return ("threads", "quick_bench")
 
-    def fingerprint(self, ctx):
-        from .pipeline import Stage
-
-        return Stage.fingerprint(self, ctx)
-
     def run(self, ctx, work: Path) -> dict:
         export = ctx.stage_dir("export")
+        ctx.progress.start("bench")
+        runs = []
+
+        def on_run(provider, label):
+            if runs:
+                ctx.progress.update(advance=1)
+            runs.append(label)
+            ctx.progress.update(description=f"bench {label} on {provider.replace('ExecutionProvider', '')}")
+
         record = bench([export / "dense", export / "expert"], labels=["dense", "expert"],
                        target=ctx.config.target, threads=ctx.config.threads, quick=ctx.config.quick_bench,
-                       out=work / BENCH_FILE)
+                       out=work / BENCH_FILE, on_run=on_run)
         measured = {p: e for p, e in record["providers"].items() if e["status"] == "measured"}
         errors = [f"{p}/{n}: {r['error']}" for p, e in measured.items() for n, r in e["results"].items()
                   if "error" in r]

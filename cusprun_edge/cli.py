@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +42,19 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+def _check_options(method: str, options: dict) -> None:
+    from .methods import check_options
+
+    check_options(method, options)
+
+
+def _check_precision(profile, precision) -> None:
+    """A precision the target cannot take is refused before anything loads."""
+    if precision is not None and precision not in profile.precisions:
+        raise UserError(f"precision '{precision}' is not available for target '{profile.name}'; "
+                        f"choose one of {', '.join(profile.precisions)}")
+
+
 def _console():
     from rich.console import Console
 
@@ -53,38 +67,53 @@ def _load(model: str, trust_remote_code: bool, allow_pickle: bool):
     return load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
-@app.command()
-def models():
-    """List the embedded models, whether each is installed, and its conversion cache."""
+JSON_OUT = typer.Option(False, "--json", help="Print JSON (one object per row) instead of a table.")
+
+
+def _listing(title: str, columns: list[str], rows: list[list[str]], as_json: bool) -> None:
+    """A table on a terminal, names whole whatever its width; plain tab-separated rows when piped
+    (for grep and cut), or JSON with --json (for jq)."""
+    if as_json:
+        typer.echo(json.dumps([dict(zip(columns, row)) for row in rows], indent=2))
+        return
+    if not sys.stdout.isatty():
+        for row in rows:
+            typer.echo("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
+        return
     from rich.table import Table
 
+    table = Table(title=title)
+    widest = max((len(r[0]) for r in rows), default=4)
+    table.add_column(columns[0], no_wrap=True, min_width=widest)  # the name is what a user copies
+    for col in columns[1:]:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    _console().print(table)
+
+
+@app.command()
+def models(as_json: bool = JSON_OUT):
+    """List the embedded models, whether each is installed, and its conversion cache."""
     from .models import DEFAULT_MODEL, EMBEDDED, cache_state
 
-    table = Table(title="Embedded models")
-    for col in ("name", "model", "package", "installed", "cache"):
-        table.add_column(col, overflow="fold")
-    for name, entry in EMBEDDED.items():
-        table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), entry.description, entry.package,
-                      "yes" if entry.installed() else "no", cache_state(name))
-    _console().print(table)
+    rows = [[name, "yes" if name == DEFAULT_MODEL else "no", entry.description, entry.package,
+             "yes" if entry.installed() else "no", cache_state(name)] for name, entry in EMBEDDED.items()]
+    _listing("Embedded models", ["name", "default", "model", "package", "installed", "cache"], rows, as_json)
 
 
 @app.command()
-def targets():
+def targets(as_json: bool = JSON_OUT):
     """List the target profiles (built-in; pass a .toml path to --target for your own)."""
-    from rich.table import Table
-
     from .targets import list_targets
 
-    table = Table(title="Target profiles")
-    for col in ("name", "aliases", "description", "providers", "precision", "opset", "max seq", "memory MB"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for t in list_targets():
         providers = ", ".join(p.name.removesuffix("ExecutionProvider") for p in t.providers)
-        precisions = f"{t.precision} ({', '.join(t.precisions)})"
-        table.add_row(t.name, ", ".join(t.aliases), t.description, providers, precisions, str(t.opset),
-                      str(t.max_sequence_length), str(t.memory_budget_mb))
-    _console().print(table)
+        rows.append([t.name, ", ".join(t.aliases), t.description, providers, t.precision, ", ".join(t.precisions),
+                     str(t.opset), str(t.max_sequence_length), str(t.memory_budget_mb)])
+    _listing("Target profiles", ["name", "aliases", "description", "providers", "precision", "precisions", "opset",
+                                 "max seq", "memory MB"], rows, as_json)
 
 
 @app.command()
@@ -121,17 +150,19 @@ def prune(
     scores: Optional[Path] = typer.Option(None, "--scores", help="Score file from `score` (scored now if absent)."),
     option: list[str] = typer.Option([], "--option", help="Method recipe override KEY=VALUE (e.g. tau=1.0)."),
     prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also drop vocabulary rows the expert's corpora never use."),
-    vocab_keep_top: int = typer.Option(8192, "--vocab-keep-top", help="With --prune-vocab: always keep the N lowest (most frequent) token ids."),
+    vocab_keep_top: Optional[int] = typer.Option(None, "--vocab-keep-top", help="With --prune-vocab: keep the N lowest ids instead of every token in the calibration text's scripts (prunes harder, covers less)."),
     out: Path = typer.Option(..., "--out", "-o", help="Expert directory to write."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
+    device: str = typer.Option("cpu", "--device", help="Where the reconstruction runs, one layer at a time: cpu, cuda, cuda:1."),
 ):
     """Remove units for real and save the expert as a Hugging Face directory."""
     from .corpora import ExpertSpec
     from .methods import get_method
     from .prune import prune_and_save
     from .score import ScoreSet, score_model
+    from .vocab import vocab_held_out
 
     if not 0 < ratio <= 0.9:
         raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
@@ -140,7 +171,13 @@ def prune(
         raise UserError(f"{out} already exists; choose another --out or pass --force")
     if scores is not None and not scores.exists():
         raise UserError(f"no score file at {scores}; run `cusprun-edge score` first")
+    if force:
+        from .expert_io import EXPERT_MARKER
+        from .fsutil import check_replaceable
+
+        check_replaceable(out, EXPERT_MARKER, "an expert directory")
     method_options = _options(option)
+    _check_options(method, method_options)
     corpora = ExpertSpec.parse(expert).corpora()
     m, tok = _load(model, trust_remote_code, allow_pickle)
     score_set = None
@@ -149,8 +186,13 @@ def prune(
     vocab_texts = [t for c in corpora.values() for t in c.calib] if prune_vocab else None
     rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=method_options,
                          extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
-                         vocab_keep_top=vocab_keep_top)
-    vocab = f", vocabulary {rec['vocab']['vocab_before']:,} -> {rec['vocab']['vocab_after']:,}" if prune_vocab else ""
+                         vocab_keep_top=vocab_keep_top, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
+                         corpora=corpora, device=device)
+    vocab = ""
+    if prune_vocab:
+        v = rec["vocab"]
+        worst = min(v["coverage"].values()) if v["coverage"] else float("nan")
+        vocab = f", vocabulary {v['vocab_before']:,} -> {v['vocab_after']:,}, held-out token coverage >= {worst:.2%}"
     typer.echo(f"pruned {rec['achieved_ratio']:.2%} of prunable parameters with {method} "
                f"({rec['params_before']['total']:,} -> {rec['params_after']['total']:,} params{vocab}) -> {out}")
 
@@ -164,16 +206,37 @@ def export(
     force: bool = FORCE,
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own log output."),
 ):
     """Compile a model or expert to ONNX artifacts for a target, with a parity gate and manifest."""
+    import os
+    import shutil
+    import tempfile
+
+    from .console import captured, show_library_logs
     from .export import export_model
     from .targets import resolve_target
 
     profile = resolve_target(target)
+    _check_precision(profile, precision)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force")
-    m, tok = _load(model, trust_remote_code, allow_pickle)
-    manifest = export_model(m, tok, profile, out, precision=precision, force=force)
+    if verbose:
+        show_library_logs()
+        m, tok = _load(model, trust_remote_code, allow_pickle)
+        manifest = export_model(m, tok, profile, out, precision=precision, force=force)
+    else:  # library output goes to OUT/export.log (in a temporary file while the export is written)
+        fd, name = tempfile.mkstemp(prefix="cusprun-export-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+        try:
+            with captured(log):
+                m, tok = _load(model, trust_remote_code, allow_pickle)
+                manifest = export_model(m, tok, profile, out, precision=precision, force=force)
+        except BaseException:
+            log.unlink(missing_ok=True)
+            raise
+        shutil.move(str(log), out / "export.log")
     typer.echo(f"exported {manifest.get('precision')} for {profile.name} -> {out}")
 
 
@@ -188,29 +251,62 @@ def build(
     option: list[str] = typer.Option([], "--option"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     quick_bench: bool = typer.Option(False, "--quick-bench", help="Shorter benchmark (fewer tokens and repetitions)."),
+    prompt: list[str] = typer.Option([], "--prompt", help="Your own prompt for dense and expert to answer in the "
+                                                           "report (repeatable)."),
+    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also drop vocabulary rows in no script of the "
+                                     "expert's calibration text (the report gives held-out token coverage)."),
+    max_ppl_ratio: Optional[float] = typer.Option(
+        None, "--max-ppl-ratio", help="Search the largest ratio whose perplexity on calibration documents held apart "
+        "from scoring stays within this factor of dense (e.g. 1.2); --ratio is then ignored."),
     out: Path = typer.Option(Path("build/expert"), "--out", "-o"),
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the libraries' own log output (else it goes to OUT/build.log)."),
 ):
-    """Run load, score, prune, export, validate, bench and report; finished stages are skipped."""
+    """Run load, score, prune, export, validate, bench, generate and report; finished stages are skipped."""
+    from .console import RichProgress, show_library_logs
     from .corpora import ExpertSpec
-    from .methods import get_method
-    from .pipeline import BuildConfig
+    from .pipeline import LOG_FILE, BuildConfig
     from .pipeline import build as run_build
     from .targets import resolve_target
 
+    # every check that needs no model runs before anything loads or any directory appears
     if not 0 < ratio <= 0.9:
         raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
-    get_method(method)
+    method_options = _options(option)
+    _check_options(method, method_options)
     ExpertSpec.parse(expert).corpora()
-    resolve_target(target)  # fail on a bad target before any slow stage
+    _check_precision(resolve_target(target), precision)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be 1 or more, got {threads}")
+    if any(not p.strip() for p in prompt):
+        raise UserError("--prompt is empty")
+    if max_ppl_ratio is not None:
+        from .search import check_target
+
+        check_target(max_ppl_ratio)
     cfg = BuildConfig(target=target, model=model, expert=expert, ratio=ratio, method=method, precision=precision,
-                      method_options=_options(option), threads=threads, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle, quick_bench=quick_bench)
-    console = _console()
-    run_build(cfg, out, on_stage=lambda name, state: console.print(f"[bold]{name}[/bold]: {state}"))
+                      method_options=method_options, threads=threads, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, quick_bench=quick_bench, prompts=list(prompt),
+                      prune_vocab=prune_vocab, max_ppl_ratio=max_ppl_ratio)
+    if verbose:
+        show_library_logs()
+    progress = RichProgress()
+
+    def on_stage(name, state):
+        if state != "running":  # one line per stage, once it is done or skipped
+            progress.line(f"[bold]{name:<9}[/bold] {state}", markup=True)
+
+    started = time.time()
+    run_build(cfg, out, on_stage=on_stage, progress=progress, capture_output=not verbose)
     report = out / "report" / "report.html"
-    console.print(f"build complete: {out}" + (f"\nreport: {report}" if report.exists() else ""))
+    progress.line(f"build complete in {time.time() - started:.0f} s: {out}" + ("" if verbose else f" (library output: {out / LOG_FILE})"))
+    if report.exists():
+        verdict = json.loads((out / "report" / "report.json").read_text()).get("verdict")
+        if verdict:
+            progress.line(verdict)
+        progress.line(f"report: {report}")
 
 
 @app.command()

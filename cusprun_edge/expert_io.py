@@ -9,7 +9,7 @@ import torch
 
 from . import arch
 from .errors import UserError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, check_replaceable
 from .structure import Structure, record_structure, shape_like
 from .vocab import shape_vocab_like
 
@@ -21,6 +21,7 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force")
+    check_replaceable(out, EXPERT_MARKER, "an expert directory")  # --force never deletes foreign data
     record_structure(model)
     with atomic_directory(out) as tmp:
         state = None

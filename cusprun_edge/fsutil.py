@@ -27,6 +27,20 @@ def atomic_directory(out: Path):
         raise
 
 
+def check_replaceable(out, marker: str, what: str) -> None:
+    """`--force` replaces only our own outputs: `out` must be absent, an empty directory, or a directory
+    holding `marker` (what we write into every such output). Anything else is a one-line UserError."""
+    from .errors import UserError
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if out.is_dir() and ((out / marker).is_file() or not any(out.iterdir())):
+        return
+    raise UserError(f"{out} is not {what} (no {marker}); --force only replaces one, so nothing was deleted: "
+                    "choose another --out")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

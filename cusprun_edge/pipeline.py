@@ -1,84 +1,34 @@
-"""The `build` pipeline: load -> score -> prune -> export -> validate -> bench -> report.
+"""The `build` pipeline: load -> score -> prune -> export -> validate -> bench -> generate -> report.
 
-Each stage is a small class (Olive-pass style) with a config-derived fingerprint and one `run` that writes
-into a fresh directory. A finished stage leaves `<out>/<stage>/stage.json` with the fingerprint of its
-inputs; a re-run skips stages whose fingerprint is unchanged, so an interrupted build resumes from the
-last finished stage. A stage is written into a temporary directory and renamed when complete.
+Each stage is a small class (Olive-pass style, base in `stages.py`) with a fingerprint of its config,
+upstream stages and code, and one `run` that writes into a fresh directory. A finished stage leaves
+`<out>/<stage>/stage.json` with its fingerprint; a re-run skips stages whose fingerprint is unchanged,
+so an interrupted build resumes from the last finished stage. A stage is written into a temporary
+directory (`.<stage>.tmp-*`) and renamed when complete; a resumed build clears those a killed run left.
+A build that fails before any stage finished removes the directory it created.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
 from .errors import UserError
+from .stages import BuildConfig, BuildContext, Progress, Stage
 
+__all__ = ["BuildConfig", "BuildContext", "Stage", "STAGES", "build", "register_stage"]
 
-@dataclass
-class BuildConfig:
-    target: str = "x86-cpu"
-    model: str = "smollm2-135m"
-    expert: str = "language=en,domain=general"
-    ratio: float = 0.25
-    method: str = "cusprun"
-    precision: str | None = None  # the target's default when None
-    method_options: dict = field(default_factory=dict)
-    threads: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    quick_bench: bool = False
-
-
-class BuildContext:
-    """What stages share while one build runs: the config, the output root, and loaded objects."""
-
-    def __init__(self, config: BuildConfig, out: Path):
-        self.config = config
-        self.out = out
-        self._model = None
-        self.fingerprints: dict[str, str] = {}
-
-    def stage_dir(self, name: str) -> Path:
-        return self.out / name
-
-    def dense(self):
-        """The dense model and tokenizer (loaded once per build, on first use)."""
-        if self._model is None:
-            from .models import load_model
-
-            self._model = load_model(
-                self.config.model, trust_remote_code=self.config.trust_remote_code,
-                allow_pickle=self.config.allow_pickle,
-            )
-        return self._model
-
-
-class Stage:
-    name: str = ""
-    depends: tuple[str, ...] = ()
-
-    def config_keys(self) -> tuple[str, ...]:
-        return ()
-
-    def fingerprint(self, ctx: BuildContext) -> str:
-        cfg = asdict(ctx.config)
-        parts = {k: cfg[k] for k in self.config_keys()}
-        parts["upstream"] = [ctx.fingerprints[d] for d in self.depends]
-        parts["version"] = __version__
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def run(self, ctx: BuildContext, work: Path) -> dict:
-        raise NotImplementedError
+LOG_FILE = "build.log"
 
 
 class LoadStage(Stage):
     name = "load"
+    modules = ("models", "arch", "vocab")
 
     def config_keys(self):
         return ("model", "trust_remote_code", "allow_pickle")
@@ -87,6 +37,7 @@ class LoadStage(Stage):
         from .score import model_fingerprint
         from .structure import count_params
 
+        ctx.progress.start(f"loading {ctx.config.model}")
         model, _ = ctx.dense()
         return {"model": ctx.config.model, "model_hash": model_fingerprint(model), "params": count_params(model)}
 
@@ -94,17 +45,22 @@ class LoadStage(Stage):
 class ScoreStage(Stage):
     name = "score"
     depends = ("load",)
+    modules = ("score", "corpora", "arch")
+    own_progress = True  # score_model draws its own bar (documents)
 
     def config_keys(self):
         return ("expert",)
 
     def run(self, ctx, work):
+        import rich
+
         from .corpora import ExpertSpec
         from .score import score_model
 
         model, tok = ctx.dense()
         corpora = ExpertSpec.parse(ctx.config.expert).corpora()
-        scores = score_model(model, tok, corpora)
+        # its bar draws on rich's console: only on a terminal (piped, it would leave a blank line)
+        scores = score_model(model, tok, corpora, show_progress=rich.get_console().is_terminal)
         scores.save(work / "scores.safetensors")
         return {"corpora": {k: c.sha256() for k, c in corpora.items()}, "seconds": scores.meta["seconds"]}
 
@@ -112,9 +68,10 @@ class ScoreStage(Stage):
 class PruneStage(Stage):
     name = "prune"
     depends = ("score",)
+    modules = ("methods", "prune", "reconstruct", "structure", "expert_io", "vocab", "arch", "search", "evaluate")
 
     def config_keys(self):
-        return ("expert", "ratio", "method", "method_options")
+        return ("expert", "ratio", "method", "method_options", "prune_vocab", "max_ppl_ratio")
 
     def run(self, ctx, work):
         import copy
@@ -122,33 +79,88 @@ class PruneStage(Stage):
         from .corpora import ExpertSpec
         from .prune import prune_and_save
         from .score import ScoreSet
+        from .vocab import vocab_held_out
 
+        cfg = ctx.config
         model, tok = ctx.dense()
         scores = ScoreSet.load(ctx.stage_dir("score") / "scores.safetensors")
-        names = list(ExpertSpec.parse(ctx.config.expert).corpora())
+        corpora = ExpertSpec.parse(cfg.expert).corpora()
+        names = list(corpora)
+        search = None
+        ratio = cfg.ratio
+        if cfg.max_ppl_ratio is not None:
+            search = _search_ratio(ctx, model, tok, scores, corpora)
+            ratio = search["ratio"]
+        ctx.progress.start(f"pruning {ratio:.0%} with {cfg.method}")
         expert = copy.deepcopy(model)
-        record = prune_and_save(expert, tok, scores, names, ctx.config.method, ctx.config.ratio,
-                                work / "expert", options=dict(ctx.config.method_options),
-                                extra={"expert": ctx.config.expert, "base_model": ctx.config.model})
-        return {k: record[k] for k in ("method", "target_ratio", "achieved_ratio", "params_before", "params_after")}
+        calib = [t for c in corpora.values() for t in c.calib]
+        record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
+                                options=dict(cfg.method_options),
+                                extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
+                                corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
+                                vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None)
+        keys = ("method", "target_ratio", "achieved_ratio", "params_before", "params_after", "reconstruction",
+                "vocab", "ratio_search")
+        return {k: record.get(k) for k in keys}
+
+
+def _search_ratio(ctx, model, tok, scores, corpora) -> dict:
+    """The ratio search of a quality-target build, on the corpora's held-apart `tune` documents."""
+    import copy
+
+    from .corpora import TUNE_EVERY
+    from .evaluate import perplexity, torch_logits_fn
+    from .prune import prune_model
+    from .search import search_ratio
+
+    cfg = ctx.config
+    tune = [t for c in corpora.values() for t in c.tune]
+    if not tune:
+        raise UserError("--max-ppl-ratio needs calibration documents held apart from scoring; the expert's corpora "
+                        f"have too few (at least {2 * TUNE_EVERY} documents each)")
+    dense_ppl = perplexity(torch_logits_fn(model), tok, tune)
+
+    def measure(ratio: float) -> float:
+        expert = copy.deepcopy(model)
+        prune_model(expert, scores, list(corpora), cfg.method, ratio, dict(cfg.method_options), tokenizer=tok,
+                    corpora=corpora)
+        return perplexity(torch_logits_fn(expert), tok, tune)
+
+    ctx.progress.start(f"searching the ratio for perplexity <= {cfg.max_ppl_ratio}x dense")
+    return search_ratio(measure, dense_ppl, cfg.max_ppl_ratio,
+                        on_point=lambda p: ctx.progress.update(f"ratio {p.ratio:.2f}: {p.ppl_ratio:.2f}x dense"))
 
 
 class ExportStage(Stage):
     name = "export"
     depends = ("prune",)
+    modules = ("export", "targets", "arch", "vocab", "expert_io", "structure")
 
     def config_keys(self):
         return ("target", "precision")
 
     def run(self, ctx, work):
+        import inspect
+
         from .expert_io import load_expert
         from .export import export_model
 
+        # export_model reports its steps (trace, graph passes, quantize, parity) when it can
+        takes_steps = "on_step" in inspect.signature(export_model).parameters
+
+        def steps(side):
+            return {"on_step": lambda step: ctx.progress.update(description=f"export {side}: {step}")} \
+                if takes_steps else {}
+
+        ctx.progress.start("export dense", total=2)
         model, tok = ctx.dense()
-        dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision)
+        dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision,
+                                      **steps("dense"))
+        ctx.progress.update(description="export expert", advance=1)
         expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
         expert_manifest = export_model(expert, etok, ctx.config.target, work / "expert",
-                                       precision=ctx.config.precision)
+                                       precision=ctx.config.precision, **steps("expert"))
+        ctx.progress.update(advance=1)
         return {"dense": _manifest_summary(dense_manifest), "expert": _manifest_summary(expert_manifest)}
 
 
@@ -157,25 +169,24 @@ def _manifest_summary(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in keys}
 
 
-STAGES: list[Stage] = [LoadStage(), ScoreStage(), PruneStage(), ExportStage()]
-
-
-def register_stage(stage: Stage) -> None:
-    """Later stages (validate, bench, report) add themselves here, in pipeline order."""
-    if all(s.name != stage.name for s in STAGES):
-        STAGES.append(stage)
-
-
-def _register_later_stages() -> None:
+def _default_stages() -> list[Stage]:
+    # the later stages know nothing of the pipeline: they build on stages.py only
     from .bench import BenchStage
+    from .generate import GenerateStage
     from .report import ReportStage
     from .validate import ValidateStage
 
-    for stage in (ValidateStage(), BenchStage(), ReportStage()):
-        register_stage(stage)
+    return [LoadStage(), ScoreStage(), PruneStage(), ExportStage(), ValidateStage(), BenchStage(),
+            GenerateStage(), ReportStage()]
 
 
-_register_later_stages()
+STAGES: list[Stage] = _default_stages()
+
+
+def register_stage(stage: Stage) -> None:
+    """Add a stage at the end of the pipeline (once per name)."""
+    if all(s.name != stage.name for s in STAGES):
+        STAGES.append(stage)
 
 
 def _finished(ctx: BuildContext, stage: Stage, fp: str) -> bool:
@@ -188,13 +199,49 @@ def _finished(ctx: BuildContext, stage: Stage, fp: str) -> bool:
         return False
 
 
-def build(config: BuildConfig, out: Path, *, on_stage=None) -> dict:
-    """Run every stage in order, skipping finished ones; returns {stage: its record}."""
+def _finished_stages(out: Path) -> list[str]:
+    return [s.name for s in STAGES if (out / s.name / "stage.json").is_file()]
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Temporary stage directories a killed run left behind (a finished stage was renamed away)."""
+    for stage in STAGES:
+        for tmp in out.glob(f".{stage.name}.tmp-*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(config: BuildConfig, out: Path, *, on_stage=None, progress: Progress | None = None,
+          capture_output: bool = False) -> dict:
+    """Run every stage in order, skipping finished ones; returns {stage: its record}.
+
+    `on_stage(name, state)` hears "skipped (unchanged)", "running" and "done in S s"; `progress`
+    hears what a running stage is doing. With `capture_output`, everything libraries print or log
+    goes to `<out>/build.log` instead of the terminal."""
+    from .console import captured
+
     out = Path(out).resolve()  # stages hand paths to worker processes with their own working directory
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "build.json").write_text(json.dumps(asdict(config), indent=2))
-    ctx = BuildContext(config, out)
-    records = {}
+    _clear_leftovers(out)
+    try:
+        with captured(out / LOG_FILE) if capture_output else contextlib.nullcontext():
+            (out / "build.json").write_text(json.dumps(asdict(config), indent=2))
+            return _run_stages(BuildContext(config, out, progress), on_stage)
+    except BaseException as exc:
+        done = _finished_stages(out)
+        if not done and created:  # nothing worth resuming: leave no debris
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, UserError) and done:
+            raise UserError(f"{exc}; finished stages kept in {out} ({', '.join(done)}): "
+                            "run the same command again to resume") from None
+        raise
+
+
+def _run_stages(ctx: BuildContext, on_stage) -> dict:
+    out, records = ctx.out, {}
     for stage in STAGES:
         fp = stage.fingerprint(ctx)
         ctx.fingerprints[stage.name] = fp
@@ -208,6 +255,7 @@ def build(config: BuildConfig, out: Path, *, on_stage=None) -> dict:
             on_stage(stage.name, "running")
         work = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=out))
         t0 = time.time()
+        ctx.progress.begin(stage.name, stage.own_progress)
         try:
             result = stage.run(ctx, work)
         except UserError as exc:
@@ -216,6 +264,8 @@ def build(config: BuildConfig, out: Path, *, on_stage=None) -> dict:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        finally:
+            ctx.progress.end()
         record = {"stage": stage.name, "fingerprint": fp, "seconds": round(time.time() - t0, 2), "result": result}
         (work / "stage.json").write_text(json.dumps(record, indent=2, default=str))
         if final.exists():

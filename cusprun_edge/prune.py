@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from . import __version__, arch
+from .errors import UserError
 from .expert_io import save_expert
-from .methods import Plan, get_method, make_plan
+from .methods import Plan, make_plan, method_with_overrides
 from .score import ScoreSet
 from .structure import (
     add_output_bias,
@@ -41,16 +44,61 @@ def apply_plan(model, plan: Plan) -> None:
     record_structure(model)
 
 
+@contextmanager
+def _peak_memory(device):
+    """Peak resident memory of this process while the block runs (sampled every 20 ms), and on CUDA the
+    peak allocated device memory: the prune stage's footprint for the record."""
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    peak[0] = proc.memory_info().rss
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    cuda = torch.device(device).type == "cuda" if device is not None else False
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    out: dict = {}
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+        out["peak_rss_mb"] = round(max(peak[0], proc.memory_info().rss) / 2**20, 1)
+        if cuda:
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
-                options: dict | None = None) -> dict:
-    """Prune `model` in place; returns a record with the achieved ratio and parameter counts."""
-    spec = get_method(method)
+                options: dict | None = None, *, tokenizer=None, corpora: dict | None = None,
+                device=None) -> dict:
+    """Prune `model` in place; returns a record with the achieved ratio and parameter counts.
+
+    Methods whose recipe reconstructs (cusprun by default; any method with --option reconstruct=...) refit the
+    kept output projections on the `corpora` (name -> Corpus): scoring documents for the statistics,
+    held-apart `tune` documents for the ridge; they need the tokenizer and the corpora."""
+    spec = method_with_overrides(method, dict(options or {}))
     if spec.needs_data and scores is not None:
         scores.check_model(model)
+    if spec.reconstruct != "none" and (tokenizer is None or not corpora):
+        raise UserError(f"method '{method}' reconstructs after pruning and needs the tokenizer and the expert's "
+                        "corpora (or pass --option reconstruct=none)")
     before = count_params(model)
     t0 = time.time()
-    plan = make_plan(model, scores, corpus_names, method, ratio, options)
-    apply_plan(model, plan)
+    device = _device(device) if device is not None else next(model.parameters()).device
+    with _peak_memory(device) as memory:
+        plan = make_plan(model, scores, corpus_names, method, ratio, options)
+        recon = _reconstruct(model, plan, spec, tokenizer, corpora, device)
+        apply_plan(model, plan)
+        if recon.get("weights"):
+            from .reconstruct import load_refitted
+
+            load_refitted(model, recon.pop("weights"))
+        recon.pop("weights", None)
     after = count_params(model)
     return {
         "method": method,
@@ -59,20 +107,53 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
         "params_before": before,
         "params_after": after,
         "options": options or {},
+        "reconstruction": recon,
         "seconds": round(time.time() - t0, 2),
+        **memory,
     }
+
+
+def _device(name) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def _reconstruct(model, plan: Plan, spec, tokenizer, corpora, device) -> dict:
+    """Choose and compute the refit for `plan` (reconstruct.py); the model is not changed here."""
+    if spec.reconstruct == "none":
+        return {"mode": "none"}
+    if len(plan.layers_keep) < len(arch.decoder_layers(model)):
+        return {"mode": "none", "note": "whole layers removed: no kept columns to refit"}
+    from .reconstruct import choose_and_refit
+
+    if plan.ffn_bias or plan.o_bias:  # the refit fits the dense output itself; FLAP's bias would count twice
+        plan.ffn_bias, plan.o_bias = [], []
+    calib = [t for c in corpora.values() for t in c.calib]
+    tune = [t for c in corpora.values() for t in c.tune]
+    choice = choose_and_refit(model, plan, tokenizer, calib, tune, mode=spec.reconstruct,
+                              target=spec.refit_target, ridge=spec.ridge, device=device)
+    return {**choice.record(), "weights": choice.weights,
+            **({"bias_compensation": "replaced by the refit"} if spec.bias_compensation else {})}
 
 
 def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: Path, *, options=None,
                    extra: dict | None = None, force: bool = False, vocab_texts: list[str] | None = None,
-                   vocab_keep_top: int = 8192) -> dict:
-    """Prune, optionally drop vocabulary rows unseen in `vocab_texts` (the expert's calibration text),
-    and save the expert."""
-    record = prune_model(model, scores, corpus_names, method, ratio, options)
+                   vocab_keep_top: int | None = None, vocab_held_out: dict | None = None,
+                   corpora: dict | None = None, device=None) -> dict:
+    """Prune (refitting on `corpora` when the recipe reconstructs), optionally drop vocabulary rows unseen in
+    `vocab_texts` (the expert's calibration text), and save the expert."""
+    record = prune_model(model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer,
+                         corpora=corpora, device=device)
     if vocab_texts is not None:
         from .vocab import prune_vocab_for_corpora
 
-        record["vocab"] = prune_vocab_for_corpora(model, tokenizer, vocab_texts, keep_top=vocab_keep_top)
+        record["vocab"] = prune_vocab_for_corpora(model, tokenizer, vocab_texts, keep_top=vocab_keep_top,
+                                                  held_out=vocab_held_out)
         record["params_after"] = count_params(model)
     record.update({"tool": f"cusprun-edge {__version__}", "corpora": corpus_names, **(extra or {})})
     if scores is not None:

@@ -21,8 +21,9 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .stages import Stage
 
-STAGE_NAMES = ("load", "score", "prune", "export", "validate", "bench", "report")
+STAGE_NAMES = ("load", "score", "prune", "export", "validate", "bench", "generate", "report")
 PLOTS = ("latency", "structure", "quality_vs_ratio")
 
 
@@ -54,6 +55,7 @@ def read_build(build_dir) -> dict:
         "manifests": {k: _read_json(root / "export" / k / "manifest.json") for k in ("dense", "expert")},
         "validate": _read_json(root / "validate" / "validate.json"),
         "bench": _read_json(root / "bench" / "bench.json"),
+        "generations": _read_json(root / "generate" / "generations.json"),
     }
     return build
 
@@ -224,9 +226,101 @@ def collect(build_dir, compare=()) -> dict:
         "skipped_providers": skipped,
         "parity": {side: _parity(m) for side, m in build["manifests"].items()},
         "validation": {k: (build["validate"] or {}).get(k) for k in ("expert_spec", "dense", "expert", "settings")},
+        "three_way": (build["validate"] or {}).get("three_way"),
+        "ratio_search": prune.get("ratio_search"),
+        "vocab": prune.get("vocab"),
+        "weights_read": _weights_read(build["root"]),
         "quality_vs_ratio": points,
         "stages": {name: {"seconds": rec.get("seconds")} for name, rec in build["stages"].items()},
+        "generations": build["generations"],
     }
+
+
+# --------------------------------------------------------------------------- verdict and generations
+
+
+def _expert_text(config: dict) -> str:
+    """'en/general' for language=en,domain=general (a user path stays as given)."""
+    spec = str(config.get("expert") or "")
+    values = [part.split("=", 1)[1] for part in spec.split(",") if "=" in part]
+    return "/".join(values) or "the expert's"
+
+
+def verdict(data: dict) -> str | None:
+    """One line of facts a user decides on: decode speed, weight size and held-out perplexity of the
+    expert against the dense artifact, each as a ratio with both figures. None without any figure."""
+    d, e = data["dense"], data["expert"]
+    facts = []
+    provider = next((p for p, s in data.get("speedup", {}).items()
+                     if "decode" in s and p in d.get("latency", {}) and p in e.get("latency", {})), None)
+    if provider:
+        x = data["speedup"][provider]["decode"]
+        rates = f"{e['latency'][provider]['decode_tok_s']:.1f} vs {d['latency'][provider]['decode_tok_s']:.1f} tokens/s"
+        where = provider.replace("ExecutionProvider", "")
+        facts.append(f"{x:.2f}x faster decode ({rates} on {where})" if x >= 1
+                     else f"{1 / x:.2f}x slower decode ({rates} on {where})")
+    sizes = (e.get("file_bytes"), d.get("file_bytes"))
+    if all(sizes):
+        facts.append(f"{sizes[0] / sizes[1]:.2f}x the weights ({_mb(sizes[0])} vs {_mb(sizes[1])})")
+    ppl = ((e.get("eval") or {}).get("overall", {}).get("ppl"), (d.get("eval") or {}).get("overall", {}).get("ppl"))
+    if all(ppl):
+        facts.append(f"perplexity {ppl[0] / ppl[1]:.2f}x dense ({ppl[0]:.1f} vs {ppl[1]:.1f}) on held-out "
+                     f"{_expert_text(data.get('config') or {})} text")
+    if not facts:
+        return None
+    precision = e.get("precision") or d.get("precision")
+    return f"Expert vs dense{f' ({precision})' if precision else ''}: " + ", ".join(facts) + "."
+
+
+def _generation_rows(data: dict) -> list[dict]:
+    gens = data.get("generations") or {}
+    return [p for p in gens.get("prompts", []) if "dense" in p and "expert" in p]
+
+
+def _rate(result: dict) -> str:
+    return f"{result['tok_s']:.1f} tok/s" if result.get("tok_s") else "- tok/s"
+
+
+FENCE = "`" * 3
+
+
+def _generations_md(data: dict) -> list[str]:
+    gens = data.get("generations")
+    if not gens:
+        return []
+    lines = ["## The expert talking", ""]
+    if gens.get("skipped"):
+        return lines + [f"Not generated: {gens['skipped']}", ""]
+    lines += [f"Greedy continuations, at most {gens['max_new_tokens']} new tokens, through {gens['engine']} "
+              f"on {gens['provider'].replace('ExecutionProvider', '')}.", ""]
+    for n, p in enumerate(_generation_rows(data), 1):
+        lines += [f"### Prompt {n} ({p['source']})", "", FENCE, p["prompt"], FENCE, ""]
+        for side in ("dense", "expert"):
+            lines += [f"**{side}** ({_rate(p[side])}, {p[side]['tokens']} tokens):", "", FENCE,
+                      p[side]["text"].replace(FENCE, "'''"), FENCE, ""]
+    return lines
+
+
+def _generations_html(data: dict) -> list[str]:
+    esc = html.escape
+    gens = data.get("generations")
+    if not gens:
+        return []
+    parts = ["<h2>The expert talking</h2>"]
+    if gens.get("skipped"):
+        return parts + [f"<p class='note'>Not generated: {esc(gens['skipped'])}</p>"]
+    parts.append(f"<p>Greedy continuations, at most {gens['max_new_tokens']} new tokens, through "
+                 f"{esc(gens['engine'])} on {esc(gens['provider'].replace('ExecutionProvider', ''))}.</p>")
+    parts.append("<table id='generations'><thead><tr><th>prompt</th><th>dense</th><th>expert</th></tr></thead>"
+                 "<tbody>")
+    for p in _generation_rows(data):
+        cells = [f"<td class='prompt'><pre>{esc(p['prompt'])}</pre><span class='note'>{esc(p['source'])}</span></td>"]
+        for side in ("dense", "expert"):
+            cells.append(f"<td class='{side}'><pre>{esc(p[side]['text'])}</pre>"
+                         f"<span class='note'>{esc(_rate(p[side]))}, {p[side]['tokens']} tokens</span></td>")
+        parts.append("<tr class='generation'>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    return parts
 
 
 # --------------------------------------------------------------------------- plots
@@ -390,6 +484,11 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("Agreement with dense", ["top-1 next-token agreement", "mean KL(dense || expert)"],
                     [[_r(ret.get("top1_agreement")), _fmt(ret.get("kl"))]]))
 
+    for extra in (_three_way_table(data.get("three_way")), _search_table(data), _vocab_table(data),
+                  _speed_limit_table(data)):
+        if extra:
+            out.append(extra)
+
     rows = []
     for provider in d.get("latency", {}):
         for side_name, side in (("dense", d), ("expert", e)):
@@ -436,6 +535,76 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def _weights_read(root: Path) -> dict:
+    """Bytes of weights each artifact reads per generated token (weights_read.py), by side."""
+    from .weights_read import weight_bytes_per_token
+
+    out = {}
+    for side in ("dense", "expert"):
+        path = Path(root) / "export" / side / "model.onnx"
+        if path.exists():
+            out[side] = weight_bytes_per_token(path)["per_token_bytes"]
+    return out
+
+
+def _speed_limit_table(data: dict):
+    """Measured decode speed-up next to the one the weight bytes read per token predict."""
+    read = data.get("weights_read") or {}
+    if not (read.get("dense") and read.get("expert")):
+        return None
+    predicted = read["dense"] / read["expert"]
+    rows = []
+    for provider, s in (data.get("speedup") or {}).items():
+        if "decode" in s:
+            gap = s["decode"] / predicted - 1
+            rows.append([provider.replace("ExecutionProvider", ""), _mb(read["dense"]), _mb(read["expert"]),
+                         f"{predicted:.2f}x", f"{s['decode']:.2f}x", f"{gap:+.0%}"])
+    if not rows:
+        rows.append(["-", _mb(read["dense"]), _mb(read["expert"]), f"{predicted:.2f}x", "not measured", ""])
+    return ("Decode speed against its memory-traffic limit (weights read per generated token)",
+            ["provider", "dense reads", "expert reads", "speed-up the bytes predict", "measured", "measured vs predicted"],
+            rows)
+
+
+def _search_table(data: dict):
+    """The quality-target build: the ratio the search chose on held-apart documents, and whether the
+    untouched eval split confirms it."""
+    search = data.get("ratio_search")
+    if not search:
+        return None
+    limit = search["max_ppl_ratio"]
+    rows = [[f"{p['ratio']:.3f}", f"{p['ppl_ratio']:.3f}", "yes" if p["passed"] else "no", f"{p['seconds']:.0f}"]
+            for p in search["points"]]
+    ret = (data.get("retention") or {}).get("ppl")
+    if ret:
+        got = 1 / ret
+        verdict = ("confirmed" if got <= limit else f"missed by {got / limit - 1:.1%}")
+        rows.append([f"chosen {search['ratio']:.3f}", f"eval split: {got:.3f}", verdict, f"search {search['seconds']:.0f} s"])
+    return (f"Quality-target search: largest ratio with perplexity <= {limit}x dense on held-apart calibration text",
+            ["ratio", "ppl / dense", f"within {limit}x", "seconds"], rows)
+
+
+def _vocab_table(data: dict):
+    vocab = data.get("vocab")
+    if not vocab:
+        return None
+    rows = [[name, f"{cov:.4%}"] for name, cov in (vocab.get("coverage") or {}).items()]
+    return (f"Vocabulary pruning ({vocab['vocab_before']:,} -> {vocab['vocab_after']:,} tokens; rule: {vocab.get('rule')}): "
+            "share of held-out tokens the kept vocabulary contains", ["text", "coverage"], rows)
+
+
+def _three_way_table(three: dict | None):
+    """What quantization costs and what pruning costs, apart: each model against dense fp32 (PyTorch)."""
+    if not three:
+        return None
+    precision = three.get("precision") or "target precision"
+    rows = [[label, _fmt(three[key]["ppl"], 4), _r(three[key]["top1_agreement"]), _fmt(three[key]["kl"])]
+            for key, label in (("dense_fp32", "dense, fp32 (PyTorch)"), ("dense_quantized", f"dense, {precision} (ONNX)"),
+                               ("expert_quantized", f"expert, {precision} (ONNX)"))]
+    return (f"Quantization vs pruning (held-out text, against dense fp32; {three.get('tokens')} tokens)",
+            ["model", "ppl", "top-1 agreement", "KL(dense fp32 || model)"], rows)
+
+
 def _ratio(a, b):
     return None if a is None or not b else a / b
 
@@ -450,6 +619,8 @@ def _cell(text: str) -> str:
 def _markdown(data: dict, images: dict[str, str]) -> str:
     cfg = data.get("config") or {}
     lines = ["# cusprun-edge build report", ""]
+    if data.get("verdict"):
+        lines += [f"**{data['verdict']}**", ""]
     if cfg:
         lines += [(f"Model `{cfg.get('model')}`, expert `{cfg.get('expert')}`, method `{cfg.get('method')}`, "
                    f"ratio {cfg.get('ratio')}, target `{cfg.get('target')}`."), ""]
@@ -457,6 +628,7 @@ def _markdown(data: dict, images: dict[str, str]) -> str:
         lines += [f"## {title}", "", "| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
         lines.append("")
+    lines += _generations_md(data)
     for name, file in images.items():
         lines += [f"![{name}]({file})", ""]
     return "\n".join(lines)
@@ -472,6 +644,8 @@ th { background: #f3f3f3; }
 figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
 .note { color: #666; }
+.verdict { font-size: 1.1em; font-weight: 600; background: #f4f8fc; border-left: 4px solid #1f77b4; padding: 0.5em 0.8em; }
+#generations pre { white-space: pre-wrap; margin: 0 0 0.3em 0; font-size: 0.95em; max-width: 32em; }
 """
 
 CAPTIONS = {
@@ -487,6 +661,8 @@ def _html(data: dict, pngs: dict[str, bytes]) -> str:
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
              "<title>cusprun-edge build report</title>", f"<style>{CSS}</style></head><body>",
              "<h1>cusprun-edge build report</h1>"]
+    if data.get("verdict"):
+        parts.append(f"<p id='verdict' class='verdict'>{esc(data['verdict'])}</p>")
     if cfg:
         parts.append(f"<p>Model <code>{esc(str(cfg.get('model')))}</code>, expert <code>{esc(str(cfg.get('expert')))}</code>, "
                      f"method <code>{esc(str(cfg.get('method')))}</code>, ratio {esc(str(cfg.get('ratio')))}, "
@@ -496,6 +672,7 @@ def _html(data: dict, pngs: dict[str, bytes]) -> str:
                      + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</tbody></table>")
+    parts += _generations_html(data)
     parts.append("<h2>Plots</h2>")
     for name in PLOTS:
         if name in pngs:
@@ -515,6 +692,7 @@ def report(build_dir, out=None, compare=()) -> dict:
 
     matplotlib.use("Agg")
     data = collect(build_dir, compare)
+    data["verdict"] = verdict(data)
     out = Path(out) if out is not None else Path(build_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     pngs = {name: png for name, fn in (("latency", plot_latency), ("structure", plot_structure),
@@ -530,21 +708,18 @@ def report(build_dir, out=None, compare=()) -> dict:
     return data
 
 
-class ReportStage:
+class ReportStage(Stage):
     """Pipeline stage: the build's report (JSON, Markdown, self-contained HTML)."""
 
     name = "report"
-    depends = ("validate", "bench")
+    depends = ("validate", "bench", "generate")
+    modules = ("report",)
 
     def config_keys(self):
         return ()
 
-    def fingerprint(self, ctx):
-        from .pipeline import Stage
-
-        return Stage.fingerprint(self, ctx)
-
     def run(self, ctx, work: Path) -> dict:
+        ctx.progress.start("report: tables and plots")
         data = report(ctx.out, out=work)
         return {"files": ["report.json", "report.md", "report.html"], "plots": data["plots"],
                 "speedup": {p: s.get("decode") for p, s in data["speedup"].items()},

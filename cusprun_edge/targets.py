@@ -61,6 +61,9 @@ class TargetProfile:
     inter_op_threads: int
     # Optional fields.
     attention: str = "gqa"  # "gqa": ONNX Runtime's fused GroupQueryAttention; "standard": plain ONNX ops
+    # MatMulNBits accuracy_level of int4/int8 exports: 0 computes in fp32, 4 quantizes activations to
+    # int8 per block inside the CPU kernel (MLAS's fast path); the CUDA kernel ignores it.
+    accuracy_level: int = 4
     aliases: tuple[str, ...] = ()
     path: str = ""  # the file it was read from
 
@@ -89,6 +92,7 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "intra_op_threads": (int, True),
     "inter_op_threads": (int, True),
     "attention": (str, False),
+    "accuracy_level": (int, False),
     "aliases": (list, False),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table"}
@@ -157,6 +161,8 @@ def parse_profile(raw: dict, path: Path) -> TargetProfile:
     level = raw["graph_optimization_level"]
     _check_choice(path, "graph_optimization_level", level, GRAPH_OPTIMIZATION_LEVELS)
     _check_choice(path, "attention", raw.get("attention", "gqa"), ATTENTION_KINDS)
+    if raw.get("accuracy_level", 4) not in (0, 1, 2, 3, 4):
+        raise _bad(path, "accuracy_level", f"is {raw['accuracy_level']}; use 0 (fp32), 1, 2, 3 or 4 (int8)")
     if not 17 <= raw["opset"] <= 25:
         raise _bad(path, "opset", f"is {raw['opset']}; use an ONNX opset between 17 and 25")
     for name in ("max_sequence_length", "batch_size", "memory_budget_mb"):
@@ -179,6 +185,7 @@ def parse_profile(raw: dict, path: Path) -> TargetProfile:
         intra_op_threads=raw["intra_op_threads"],
         inter_op_threads=raw["inter_op_threads"],
         attention=raw.get("attention", "gqa"),
+        accuracy_level=raw.get("accuracy_level", 4),
         aliases=tuple(raw.get("aliases", ())),
         path=str(path),
     )

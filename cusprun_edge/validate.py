@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .fsutil import write_json
+from .stages import Stage
 
 VALIDATE_FILE = "validate.json"
 
@@ -164,12 +165,16 @@ def validate(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     on_category=None,
+    quantized_dense=None,
 ) -> dict:
     """Measure dense vs expert on held-out text; writes `out` (a .json path) when given.
 
     `dense` is a model source for `load_model` or a loaded (model, tokenizer) pair. `expert` is the
     expert spec whose corpora to use (default: the one recorded in the artifact's manifest); `texts`
-    are extra evaluation files. Returns the record also written to `out`."""
+    are extra evaluation files. `quantized_dense`: the dense model's own export at the expert's
+    precision; with it (and the dense model in PyTorch) the record gets `three_way`: dense fp32 /
+    dense at the target precision / expert at the target precision, so quantization's cost and
+    pruning's show apart. Returns the record also written to `out`."""
     from .evaluate import torch_logits_fn
     from .runtime import OnnxCausalLM, read_manifest
 
@@ -181,6 +186,8 @@ def validate(
                         "pass --expert (e.g. language=en,domain=general) or --text FILE")
     if dense_artifact is not None:
         read_manifest(dense_artifact)
+    if quantized_dense is not None:
+        read_manifest(quantized_dense)
     sets = _eval_sets(expert, texts, max_docs, max_mc)  # bad input fails before any model loads
 
     if isinstance(dense, (tuple, list)):
@@ -215,8 +222,14 @@ def validate(
         dense_fn = torch_logits_fn(dense_model)
         dense_runtime = {"runtime": "pytorch", "dtype": str(next(dense_model.parameters()).dtype).replace("torch.", "")}
 
+    quantized_fn = None
+    if quantized_dense is not None and dense_artifact is None:
+        quantized_rt = OnnxCausalLM(quantized_dense, provider=provider, threads=threads)
+        quantized_fn = quantized_rt.logits_fn
+        max_length = min(max_length, quantized_rt.context_length or max_length)
     categories = {}
     totals = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+    quantized_totals = dict.fromkeys(totals, 0)
     mc_totals = [0, 0, 0]
     for name, data in sets.items():
         sums = compare_texts(dense_fn, expert_fn, tokenizer, data["texts"], batch_size=batch_size,
@@ -228,6 +241,12 @@ def validate(
             mc_totals[i] += mc[i]
         categories[name] = {"documents": len(data["texts"]), "split": "eval" if not name.startswith("user:") else "user",
                             **_summary(sums, mc)}
+        if quantized_fn is not None and data["texts"]:
+            quantized = compare_texts(dense_fn, quantized_fn, tokenizer, data["texts"], batch_size=batch_size,
+                                      max_length=max_length)
+            for k in quantized_totals:
+                quantized_totals[k] += quantized[k]
+            categories[name]["three_way"] = three_way(sums, quantized)
         if "path" in data:
             categories[name]["path"] = data["path"]
         if on_category:
@@ -244,28 +263,57 @@ def validate(
                      "held_out_only": True},
         "seconds": round(time.time() - t0, 2),
     }
+    if quantized_fn is not None and quantized_totals["tokens"]:
+        record["three_way"] = {**three_way(totals, quantized_totals), "precision": manifest.get("precision"),
+                               "dense_artifact": str(quantized_dense)}
     if out is not None:
         write_json(out, record)
     return record
 
 
-class ValidateStage:
+def three_way(expert_sums: dict, quantized_sums: dict) -> dict:
+    """Perplexity, top-1 agreement and KL against the dense model in PyTorch fp32 of: the dense model
+    itself, its export at the target precision, the expert's export at the target precision."""
+    def row(sums, ppl_key):
+        return {"ppl": _ppl(sums[ppl_key], sums["tokens"]),
+                "top1_agreement": sums["agree"] / max(1, sums["positions"]),
+                "kl": max(0.0, sums["kl"] / max(1, sums["positions"]))}
+
+    return {"dense_fp32": {"ppl": _ppl(expert_sums["ref_nll"], expert_sums["tokens"]), "top1_agreement": 1.0, "kl": 0.0},
+            "dense_quantized": row(quantized_sums, "test_nll"), "expert_quantized": row(expert_sums, "test_nll"),
+            "tokens": expert_sums["tokens"]}
+
+
+class ValidateStage(Stage):
     """Pipeline stage: validate the exported expert against the dense model (PyTorch)."""
 
     name = "validate"
     depends = ("export",)
+    modules = ("validate", "evaluate", "runtime", "corpora")
 
     def config_keys(self):
         return ("expert",)
 
-    def fingerprint(self, ctx):
-        from .pipeline import Stage
-
-        return Stage.fingerprint(self, ctx)
-
     def run(self, ctx, work: Path) -> dict:
-        record = validate(ctx.dense(), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
-                          out=work / VALIDATE_FILE, threads=ctx.config.threads)
+        from .corpora import ExpertSpec
+
+        model, tok = ctx.dense()
+        n = len(ExpertSpec.parse(ctx.config.expert).dims)
+        ctx.progress.start(f"validate: held-out texts of {n} categories, dense and expert")
+
+        def counted(_module, args, kwargs, _out):  # each held-out text (or choice) passes the dense model once
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            ctx.progress.update(advance=ids.shape[0] if ids is not None else 1)
+
+        hook = model.register_forward_hook(counted, with_kwargs=True)
+        try:
+            dense_export = ctx.stage_dir("export") / "dense"
+            record = validate((model, tok), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
+                              out=work / VALIDATE_FILE, threads=ctx.config.threads,
+                              quantized_dense=dense_export if (dense_export / "manifest.json").is_file() else None,
+                              on_category=lambda name, _: ctx.progress.update(description=f"validate: {name} done"))
+        finally:
+            hook.remove()
         overall = record["overall"]
         return {"file": VALIDATE_FILE, "categories": list(record["categories"]),
                 "retention": overall["retention"], "top1_agreement": overall.get("top1_agreement"),

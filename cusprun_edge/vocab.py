@@ -5,14 +5,21 @@ still speaks the original token ids, so the tokenizer and ONNX Runtime GenAI nee
   - the input embedding maps original ids to kept rows through `id_map` (dropped ids -> the unk row),
   - the output head computes logits for kept tokens only and scatters them into a full-vocabulary tensor
     where dropped tokens get a very low logit, so they are never generated.
-Kept tokens: every token of the expert's calibration corpora, every special token, and the `keep_top`
-lowest ids (BPE vocabularies are ordered by merge rank, so low ids are the frequent, short tokens that
-unseen text falls back on).
+Kept tokens (`tokens_to_keep`): every special token, every token of the expert's calibration corpora,
+and every token whose letters are all in writing systems (Unicode scripts) the calibration text uses;
+tokens without letters (digits, punctuation, whitespace, byte pieces) are always kept. Calibration
+corpora are far too small to list the tokens unseen text needs (on SmolLM2, keeping the tokens seen in
+the calibration text plus the 8,192 lowest ids covered 91% of held-out tokens), but a script rule is safe
+for any text in the expert's languages: it keeps 100% of the held-out tokens of every built-in category.
+It drops 36% of Gemma-3-270M's 262k multilingual vocabulary for a Latin-script expert and only 0.6% of
+SmolLM2's English-centred one. `keep_top` (opt-in) replaces the script rule by the N lowest ids, which
+prunes much harder and covers much less; the expert's record carries the coverage either way.
 """
 
 from __future__ import annotations
 
 import copy
+import unicodedata
 
 import torch
 import torch.nn as nn
@@ -57,12 +64,40 @@ class ScatteredLMHead(nn.Module):
         return full.index_copy(-1, self.kept_ids, kept)
 
 
-def tokens_to_keep(tokenizer, texts: list[str], vocab_size: int, keep_top: int) -> torch.Tensor:
-    seen = set(range(min(keep_top, vocab_size)))
-    seen.update(i for i in tokenizer.all_special_ids if i is not None and i < vocab_size)
+def _script(ch: str) -> str | None:
+    """The Unicode script of a letter (first word of its name: LATIN, CYRILLIC, CJK, ...); None otherwise."""
+    if not ch.isalpha():
+        return None
+    try:
+        return unicodedata.name(ch).split()[0]
+    except ValueError:
+        return "UNNAMED"
+
+
+def text_scripts(texts: list[str]) -> set[str]:
+    return {s for t in texts for s in map(_script, set(t)) if s}
+
+
+def tokens_to_keep(tokenizer, texts: list[str], vocab_size: int, keep_top: int | None = None) -> torch.Tensor:
+    """Ids to keep for an expert whose calibration text is `texts` (see the module docstring)."""
+    keep = {i for i in tokenizer.all_special_ids if i is not None and i < vocab_size}
     for t in texts:
-        seen.update(i for i in tokenizer(t)["input_ids"] if i < vocab_size)
-    return torch.tensor(sorted(seen), dtype=torch.long)
+        keep.update(i for i in tokenizer(t)["input_ids"] if i < vocab_size)
+    if keep_top is not None:
+        keep.update(range(min(keep_top, vocab_size)))
+    else:
+        scripts = text_scripts(texts)
+        for i in range(vocab_size):
+            if {s for s in map(_script, set(tokenizer.decode([i]))) if s} <= scripts:
+                keep.add(i)
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def coverage(tokenizer, kept: torch.Tensor, texts: list[str]) -> float:
+    """Share of the tokens of `texts` that the kept vocabulary contains (the rest can't be generated)."""
+    kept_set = set(kept.tolist())
+    ids = [i for t in texts for i in tokenizer(t)["input_ids"]]
+    return sum(i in kept_set for i in ids) / max(1, len(ids))
 
 
 def _unk_row(tokenizer, kept: torch.Tensor) -> int:
@@ -121,7 +156,19 @@ def shape_vocab_like(model, info: dict) -> None:
     prune_vocab(model, torch.arange(n), info.get("unk_row", 0), tied=info["tied"])
 
 
-def prune_vocab_for_corpora(model, tokenizer, texts: list[str], keep_top: int = 8192) -> dict:
+def vocab_held_out(corpora: dict) -> dict[str, list[str]]:
+    """The held-out texts whose coverage an expert's record reports: each corpus's tune and eval splits."""
+    return {f"{name}/{split}": getattr(c, split) for name, c in corpora.items() for split in ("tune", "eval")}
+
+
+def prune_vocab_for_corpora(model, tokenizer, texts: list[str], keep_top: int | None = None,
+                            held_out: dict[str, list[str]] | None = None) -> dict:
+    """Prune the vocabulary to what `texts` (calibration) need; `held_out` ({name: texts}) are only
+    measured: the record gives each one's token coverage."""
     vocab = arch.get(model, arch.spec_for(model).embed).weight.shape[0]
     kept = tokens_to_keep(tokenizer, texts, vocab, keep_top)
-    return prune_vocab(model, kept, _unk_row(tokenizer, kept))
+    record = prune_vocab(model, kept, _unk_row(tokenizer, kept))
+    record["rule"] = f"lowest {keep_top} ids" if keep_top is not None else "scripts of the calibration text"
+    record["scripts"] = sorted(text_scripts(texts))
+    record["coverage"] = {name: round(coverage(tokenizer, kept, t), 6) for name, t in (held_out or {}).items() if t}
+    return record

@@ -26,10 +26,11 @@ from cusprun_edge.targets import resolve_target
 
 # Tiny random models have nearly flat next-token distributions, where any rounding flips near-ties:
 # judge quantized exports on them by the scale-free logit error instead of top-1 (see THRESHOLDS).
+LOOSE_HELD_OUT = {"held_out_min_top1": 0.0, "held_out_max_kl": 10.0, "min_top1": 0.0, "max_kl": 10.0}
 TINY_QUANTIZED = {
-    "int4": {"min_top1": 0.0, "max_rel_rms": 0.35},
-    "int8": {"min_top1": 0.0, "max_rel_rms": 0.05},
-    "fp16": {"min_top1": 0.0, "max_rel_rms": 0.01},
+    "int4": {**LOOSE_HELD_OUT, "max_rel_rms": 0.35},
+    "int8": {**LOOSE_HELD_OUT, "max_rel_rms": 0.05},
+    "fp16": {**LOOSE_HELD_OUT, "max_rel_rms": 0.01},
 }
 
 
@@ -82,9 +83,18 @@ def exports(tmp_path_factory):
     for case, (family, prune, target, precision) in CASES.items():
         model, tok = pruned(family, uniform_kv=prune != "kv") if prune else tiny_model(family)
         out = root / case
-        manifest = export_model(model, tok, target, out, precision=precision, thresholds=TINY_QUANTIZED)
+        steps: list[str] = []
+        manifest = export_model(model, tok, target, out, precision=precision, thresholds=TINY_QUANTIZED,
+                                on_step=steps.append)
+        manifest["steps_heard"] = steps
         done[case] = (model, tok, out, manifest)
     return done
+
+
+def test_export_reports_its_steps(exports):
+    steps = exports["llama-dense"][3]["steps_heard"]
+    assert steps == ["trace", "graph passes", "parity fp32", "quantize int4", "parity int4", "package"]
+    assert exports["gemma3-dense"][3]["steps_heard"] == ["trace", "graph passes", "parity fp32", "package"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -369,6 +379,16 @@ def test_smollm2_int4_for_x86_answers_paris(smollm2, tmp_path):
     assert seconds < 180
     assert manifest["parity"]["fp32"]["max_abs_diff"] < 1e-3 and manifest["parity"]["int4"]["passed"]
     assert manifest["quantization"]["bits"] == 4 and manifest["attention"] == "GroupQueryAttention"
+    # the shipped int4 limits, on held-out text; Q4_1 projections and the Q8_0 lm_head stored exactly
+    from cusprun_edge.export import THRESHOLDS
+
+    held_out = manifest["parity"]["int4"]["held_out"]
+    print(f"held-out int4: top-1 {held_out['top1_agreement']:.3f}, KL {held_out['kl_divergence']:.4f}, "
+          f"exact blocks {manifest['quantization']['plan']['exact_share']:.1%}")
+    assert manifest["parity"]["thresholds"]["int4"] == THRESHOLDS["int4"]
+    assert held_out["top1_agreement"] >= 0.9 and held_out["kl_divergence"] <= 0.1
+    assert manifest["quantization"]["plan"]["exact_share"] == 1.0 and manifest["quantization"]["level"] == 0
+    assert manifest["quantization"]["plan"]["tensors"]["lm_head"]["bits"] == 8
 
     genai_model = og.Model(str(tmp_path / "smollm2"))
     tokenizer = og.Tokenizer(genai_model)
@@ -385,25 +405,67 @@ def test_smollm2_int4_for_x86_answers_paris(smollm2, tmp_path):
     assert "Paris" in answer
 
 
-def test_int4_falls_back_to_8bit_down_and_qkv_when_plain_int4_fails_parity(tmp_path):
-    """A model plain int4 rounds too far gets 8-bit down/q/k/v projections (and says so); the gate still
-    refuses a model even that cannot keep, leaving nothing behind."""
+@pytest.mark.integration
+@pytest.mark.parametrize(("precision", "target"), [("fp16", "cuda-gpu"), ("int8", "x86-cpu")])
+def test_smollm2_passes_the_shipped_limits(smollm2, tmp_path, precision, target):
+    """The real model against the limits that ship (no overrides): fp16 and int8 on the prompts and on
+    held-out text (recorded), int4 in test_smollm2_int4_for_x86_answers_paris."""
+    from cusprun_edge.export import THRESHOLDS
+
+    model, tok = smollm2
+    manifest = export_model(model, tok, target, tmp_path / precision, precision=precision)
+    result = manifest["parity"][precision]
+    print(f"\nSmolLM2 {precision}: prompts KL {result['kl_divergence']:.4g} top-1 {result['top1_agreement']:.3f}; "
+          f"held-out KL {result['held_out']['kl_divergence']:.4g} top-1 {result['held_out']['top1_agreement']:.3f}")
+    assert manifest["parity"]["thresholds"][precision] == THRESHOLDS[precision]
+    assert result["passed"] and result["held_out"]["passed"] and result["held_out"]["positions"] > 1000
+
+
+def test_int4_falls_back_along_the_plan_and_refuses_what_still_fails(tmp_path):
+    """A model whose 4-bit weights fail the gate gets its off-grid weights at 8 bits (and says why); the
+    gate refuses a model even the last level cannot keep, leaving nothing behind."""
     import onnx
 
     model, tok = pruned("llama")
     plain = export_model(model, tok, "x86-cpu", tmp_path / "plain", precision="int4", thresholds=TINY_QUANTIZED)
-    assert "eight_bit" not in plain["quantization"]
+    q = plain["quantization"]
+    assert q["level"] == 0 and "eight_bit" not in q and "fallback" not in q
+    tensors = q["plan"]["tensors"]
+    assert tensors["lm_head"]["bits"] == 8  # the tied lm_head / embedding
+    down = tensors["model.layers.0.mlp.down_proj"]
+    assert down["bits"] == 4 and "no 4-bit grid" in down["why"]  # random weights: re-quantized
+    assert plain["parity"]["int4"]["held_out"]["positions"] > 100
     plain_rms = plain["parity"]["int4"]["rel_rms"]
     limit = {"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": plain_rms * 0.9}}
     mixed = export_model(model, tok, "x86-cpu", tmp_path / "mixed", precision="int4", thresholds=limit)
     q = mixed["quantization"]
-    assert q["eight_bit"]["matmuls"] == 2 * 3  # down_proj and the packed qkv of each of the 3 layers
-    assert "plain int4 failed parity" in q["fallback"] and q["fallback"] in mixed["notes"]
+    assert q["level"] == 1 and q["eight_bit"]["matmuls"] == 3 * 5  # qkv, o, gate, up, down of 3 layers
+    assert "failed parity" in q["fallback"] and q["fallback"] in mixed["notes"]
     assert mixed["parity"]["int4"]["passed"] and mixed["parity"]["int4"]["rel_rms"] < plain_rms * 0.9
     graph = onnx.load(str(tmp_path / "mixed" / "model.onnx"), load_external_data=False).graph
-    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
-    assert bits.count(8) == 6 and bits.count(4) == len(bits) - 6
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
+    assert bits.count(8) == 13 and bits.count(4) == 0  # qkv, o, gate+up (one node), down of 3 layers; lm_head
     with pytest.raises(UserError, match=r"failed parity \(int4\).*try --precision int8"):
         export_model(model, tok, "x86-cpu", tmp_path / "never", precision="int4",
                      thresholds={"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": 1e-6}})
-    assert not (tmp_path / "never").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "plain"]
+
+
+def test_int4_gate_refuses_an_artifact_below_its_held_out_limits(tmp_path):
+    model, tok = tiny_model("llama")
+    with pytest.raises(UserError, match=r"failed parity \(int4\).*held-out text: top1_agreement"):
+        export_model(model, tok, "x86-cpu", tmp_path / "out", precision="int4",
+                     thresholds={"int4": {**TINY_QUANTIZED["int4"], "held_out_min_top1": 1.01}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exporter_bug_surfaces_as_itself_not_as_a_user_error(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated exporter bug")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    model, tok = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="simulated exporter bug") as caught:
+        export_model(model, tok, "x86-cpu", tmp_path / "out", precision="fp32")
+    assert not isinstance(caught.value, UserError)
+    assert list(tmp_path.iterdir()) == []

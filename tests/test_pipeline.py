@@ -1,9 +1,15 @@
-"""build: an interrupted build resumes from the last finished stage; unchanged stages are skipped."""
+"""build: an interrupted build resumes from the last finished stage; unchanged stages are skipped; a stage
+whose code changed re-runs with every stage after it; the pipeline and its stages import no cycle."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
-from test_report import _config, tiny_artifacts  # noqa: F401  (session fixture shared with the report tests)
+from conftest import REPO
+from test_report import _config, tiny_artifacts, tiny_builds  # noqa: F401  (session fixtures shared with the report tests)
 
 from cusprun_edge import pipeline
 
@@ -25,19 +31,97 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
         assert (out / stage / "stage.json").exists()
     assert not (out / "bench").exists() and not list(out.glob(".bench.tmp-*"))
     export_record = (out / "export" / "stage.json").read_text()
+    # what a run killed with SIGKILL leaves: a stage's temporary directory, never renamed
+    left = out / ".bench.tmp-killed"
+    left.mkdir()
+    (left / "bench.json").write_text("{")
 
     monkeypatch.setattr(type(bench_stage), "run", original)
     seen = []
     pipeline.build(cfg, out, on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert seen == [("load", "skipped"), ("score", "skipped"), ("prune", "skipped"), ("export", "skipped"),
                     ("validate", "skipped"), ("bench", "running"), ("bench", "done"),
-                    ("report", "running"), ("report", "done")]
+                    ("generate", "running"), ("generate", "done"), ("report", "running"), ("report", "done")]
     assert (out / "export" / "stage.json").read_text() == export_record  # not rebuilt
     assert json.loads((out / "report" / "stage.json").read_text())["stage"] == "report"
+    assert not left.exists() and not list(out.glob(".*.tmp-*"))
 
     # a changed ratio re-runs pruning and everything after it, but not loading or scoring
     seen.clear()
     pipeline.build(_config(tiny_artifacts["dense_hf"], 0.5), out,
                    on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert [n for n, s in seen if s == "skipped"] == ["load", "score"]
-    assert [n for n, s in seen if s == "done"] == ["prune", "export", "validate", "bench", "report"]
+    assert [n for n, s in seen if s == "done"] == ["prune", "export", "validate", "bench", "generate", "report"]
+
+
+def test_changed_stage_code_reruns_it_and_the_stages_after(tiny_builds, tiny_artifacts, tmp_path):  # noqa: F811
+    """A copy of the package with one edited module (bench.py) resumes a finished build: bench and the
+    report after it re-run, every other stage is skipped (their code is byte for byte the same)."""
+    finished, _, _ = tiny_builds
+    out = tmp_path / "build"
+    shutil.copytree(finished, out)
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "cusprun_edge", src / "cusprun_edge", ignore=shutil.ignore_patterns("__pycache__"))
+    for data in ("calib", "targets"):  # corpora, prompts and target profiles sit beside the package
+        (src / data).symlink_to(REPO / data)
+    cfg = json.loads((out / "build.json").read_text())
+    script = (
+        "import json, sys\n"
+        "import cusprun_edge.pipeline as p\n"
+        f"assert p.__file__.startswith({str(src)!r}), p.__file__\n"
+        f"cfg = p.BuildConfig(**json.loads({json.dumps(cfg)!r}))\n"
+        f"p.build(cfg, {str(out)!r}, on_stage=lambda n, s: print(n, s.split(' ')[0]))\n"
+    )
+
+    def resume():
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "PYTHONPATH": str(src)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(line.split(" ") for line in proc.stdout.splitlines() if line.count(" ") == 1)
+
+    # first with the copy as it is: up to date with the code of this moment (the tree may be edited
+    # while the suite runs), normally all skipped
+    assert set(resume()) == {s.name for s in pipeline.STAGES}
+    bench_py = src / "cusprun_edge" / "bench.py"
+    bench_py.write_text(bench_py.read_text() + "\n# a change to the bench stage's code\n")
+    states = resume()
+    assert states == {"load": "skipped", "score": "skipped", "prune": "skipped", "export": "skipped",
+                      "validate": "skipped", "bench": "done", "generate": "skipped", "report": "done"}
+
+
+def test_stages_import_no_cycle():
+    """The stage base lives in stages.py; no stage module imports the pipeline that composes them."""
+    package = REPO / "cusprun_edge"
+    for name in ("stages", "validate", "bench", "generate", "report"):
+        text = (package / f"{name}.py").read_text()
+        assert "from .pipeline" not in text and "import pipeline" not in text, name
+    names = [s.name for s in pipeline.STAGES]
+    assert names == ["load", "score", "prune", "export", "validate", "bench", "generate", "report"]
+    assert all(s.modules for s in pipeline.STAGES)  # every stage's code is in its fingerprint
+
+
+def test_cli_build_is_quiet_and_logs_libraries(tiny_builds, tiny_artifacts, tmp_path):  # noqa: F811
+    """`cusprun-edge build`: a line per stage, the verdict and the report path on the terminal; what the
+    exporter and ONNX Runtime print goes to <out>/build.log. Resumed from a finished build with its
+    export removed, so export, validate, bench, generate and report really run."""
+    from conftest import run_cli
+    from test_report import USER_PROMPT
+
+    finished, _, _ = tiny_builds
+    out = tmp_path / "build"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "export")
+    log_before = (out / "build.log").stat().st_size if (out / "build.log").exists() else 0
+    proc = run_cli("build", "--target", "x86-cpu", "--model", tiny_artifacts["dense_hf"], "--expert",
+                   "language=en,domain=general", "--ratio", "0.3", "--method", "magnitude", "--precision", "fp32",
+                   "--quick-bench", "--threads", "1", "--prompt", USER_PROMPT, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) < 15, lines
+    assert [line.split()[0] for line in lines[:8]] == ["load", "score", "prune", "export", "validate", "bench",
+                                                       "generate", "report"]
+    assert lines[3].split()[1:3] == ["done", "in"]  # export (removed) ran again
+    assert lines[-2].startswith("Expert vs dense (fp32): ") and lines[-1] == f"report: {out / 'report' / 'report.html'}"
+    assert proc.stderr == ""
+    log = (out / "build.log").read_text()
+    assert (out / "build.log").stat().st_size > log_before and "--- " in log

@@ -23,11 +23,14 @@ def tiny_artifacts(tmp_path_factory):
     return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
 
 
-def _config(model_dir, ratio):
+USER_PROMPT = "Write one sentence about the sea:"
+
+
+def _config(model_dir, ratio, prompts=()):
     from cusprun_edge.pipeline import BuildConfig
 
     return BuildConfig(target="x86-cpu", model=str(model_dir), expert=EXPERT, ratio=ratio, method="magnitude",
-                       precision="fp32", quick_bench=True, threads=1)
+                       precision="fp32", quick_bench=True, threads=1, prompts=list(prompts))
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,7 @@ def tiny_builds(tiny_artifacts, tmp_path_factory):
             for stage in ("load", "score"):
                 shutil.copytree(parent / "r50" / stage, parent / name / stage)
         stages[name] = seen = []
-        build(_config(tiny_artifacts["dense_hf"], ratio), parent / name,
+        build(_config(tiny_artifacts["dense_hf"], ratio, [USER_PROMPT] if name == "r30" else []), parent / name,
               on_stage=lambda s, state, seen=seen: seen.append((s, state)))
     return parent / "r30", parent / "r50", stages
 
@@ -50,9 +53,9 @@ def tiny_builds(tiny_artifacts, tmp_path_factory):
 def test_pipeline_ends_with_report(tiny_builds):
     a, _, stages = tiny_builds
     done = [s for s, state in stages["r30"] if state.startswith("done")]
-    assert done == ["prune", "export", "validate", "bench", "report"]
+    assert done == ["prune", "export", "validate", "bench", "generate", "report"]
     assert [s for s, state in stages["r30"] if state.startswith("skipped")] == ["load", "score"]
-    for stage in ("load", "score", "prune", "export", "validate", "bench", "report"):
+    for stage in ("load", "score", "prune", "export", "validate", "bench", "generate", "report"):
         assert json.loads((a / stage / "stage.json").read_text())["stage"] == stage
     for name in ("report.json", "report.md", "report.html"):
         assert (a / "report" / name).stat().st_size > 0
@@ -143,12 +146,47 @@ def test_failed_stage_keeps_earlier_stages(tiny_builds, tiny_artifacts, tmp_path
     shutil.copytree(a, broken)
     shutil.rmtree(broken / "validate")
     (broken / "export" / "expert" / "manifest.json").unlink()
-    with pytest.raises(UserError, match="stage 'validate' failed: .*manifest.json"):
-        build(_config(tiny_artifacts["dense_hf"], 0.3), broken)
+    with pytest.raises(UserError, match="stage 'validate' failed: .*manifest.json.*finished stages kept .*"
+                                        "load, score, prune, export.*run the same command again to resume"):
+        build(_config(tiny_artifacts["dense_hf"], 0.3, [USER_PROMPT]), broken)
     for stage in ("load", "score", "prune", "export"):
         assert (broken / stage / "stage.json").exists()
     assert not (broken / "validate").exists()
     assert not list(broken.glob(".validate.tmp-*"))
+
+
+def test_verdict_and_generations(tiny_builds, tiny_artifacts):
+    """The verdict line is computed from the build's own figures; dense and expert answer the expert's
+    built-in prompts (both its dimensions heard) and the user's, greedily through onnxruntime_genai."""
+    from cusprun_edge.generate import builtin_prompts, generate_texts
+
+    a, _, _ = tiny_builds
+    data = json.loads((a / "report" / "report.json").read_text())
+    cpu = "CPUExecutionProvider"
+    speed = data["speedup"][cpu]["decode"]
+    ppl = data["expert"]["eval"]["overall"]["ppl"] / data["dense"]["eval"]["overall"]["ppl"]
+    size = data["expert"]["file_bytes"] / data["dense"]["file_bytes"]
+    verdict = data["verdict"]
+    assert verdict.startswith("Expert vs dense (fp32): ")
+    assert (f"{speed:.2f}x faster decode" if speed >= 1 else f"{1 / speed:.2f}x slower decode") in verdict
+    assert f"{size:.2f}x the weights" in verdict and f"perplexity {ppl:.2f}x dense" in verdict
+    assert verdict.endswith("on held-out en/general text.")
+    md = (a / "report" / "report.md").read_text().splitlines()
+    assert md[2] == f"**{verdict}**"  # the first thing under the title
+
+    gens = data["generations"]
+    table = builtin_prompts()
+    sources = [p["source"] for p in gens["prompts"]]
+    assert sources == ["language/en", "domain/general", "language/en", "domain/general", "user"]
+    assert [p["prompt"] for p in gens["prompts"][:2]] == [table["language/en"][0], table["domain/general"][0]]
+    assert gens["prompts"][-1]["prompt"] == USER_PROMPT and gens["engine"] == "onnxruntime-genai"
+    for p in gens["prompts"]:
+        for side in ("dense", "expert"):
+            assert 0 < p[side]["tokens"] <= gens["max_new_tokens"] and p[side]["tok_s"] > 0
+    # greedy: the expert's artifact says the same again
+    again = generate_texts(a / "export" / "expert", [USER_PROMPT], threads=1)
+    assert again[0]["text"] == gens["prompts"][-1]["expert"]["text"]
+    assert len(table) == 13 and all(len(v) >= 3 for v in table.values())  # every built-in category
 
 
 # --------------------------------------------------------------------------- real browser
@@ -159,8 +197,16 @@ window.addEventListener('load', function () {
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   var m = document.createElement('pre');
   m.id = 'render-check';
+  var verdict = document.getElementById('verdict');
+  var answered = Array.prototype.slice.call(document.querySelectorAll('#generations tr.generation'))
+    .filter(function (r) {
+      var d = r.querySelector('td.dense pre'), e = r.querySelector('td.expert pre');
+      return d && e && d.textContent.trim().length > 0 && e.textContent.trim().length > 0 &&
+        r.querySelector('td.dense').getBoundingClientRect().width > 0;
+    }).length;
   m.textContent = 'RENDER-CHECK images=' + imgs.length + ' loaded=' + ok + ' tables=' +
-    document.getElementsByTagName('table').length;
+    document.getElementsByTagName('table').length + ' answered=' + answered + ' verdict=' +
+    (verdict && verdict.getBoundingClientRect().height > 0 ? verdict.textContent : '');
   document.body.appendChild(m);
 });
 </script>"""
@@ -186,10 +232,13 @@ def test_report_renders_in_chromium(tiny_builds, tmp_path):
     checked = tmp_path / "checked.html"  # the report plus a probe that counts loaded images
     checked.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
     proc = _run_chromium(["--virtual-time-budget=10000", "--dump-dom", checked.as_uri()], tmp_path)
-    match = re.search(r"RENDER-CHECK images=(\d+) loaded=(\d+) tables=(\d+)", proc.stdout)
+    match = re.search(r"RENDER-CHECK images=(\d+) loaded=(\d+) tables=(\d+) answered=(\d+) verdict=([^<]*)", proc.stdout)
     assert match, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
-    images, loaded, tables = map(int, match.groups())
+    images, loaded, tables, answered = map(int, match.groups()[:4])
     assert images == 3 and loaded == images and tables >= 4
+    assert answered >= 3  # prompts answered by dense and expert, side by side
+    verdict = json.loads((a / "report" / "report.json").read_text())["verdict"]
+    assert match.group(5).strip() == verdict
 
     shot = tmp_path / "report.png"
     proc = _run_chromium([f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars",

@@ -107,6 +107,7 @@ def test_wrong_type_is_named(tmp_path, old, new, field):
         ("opset = 18", "opset = 18\nopsett = 17", "field 'opsett' is not a profile field"),
         ('name = "CPUExecutionProvider"', 'name = "GPU"', "field 'providers[0].name' is 'GPU'"),
         ('graph_optimization_level = "all"', 'graph_optimization_level = "max"', "graph_optimization_level"),
+        ("accuracy_level = 4", "accuracy_level = 5", "field 'accuracy_level' is 5"),
     ],
 )
 def test_bad_values_are_named(tmp_path, old, new, message):
@@ -129,3 +130,10 @@ def test_unknown_target_lists_the_names():
     assert "unknown target 'raspberry-pi-zero'" in message
     for name in BUILTIN:
         assert name in message
+
+
+def test_accuracy_level_is_recorded_per_target():
+    """int4/int8 MatMulNBits accuracy_level, chosen by measurement (see the comments in targets/*.toml)."""
+    for profile in list_targets():
+        assert profile.accuracy_level == 4, profile.name
+        assert profile.to_dict()["accuracy_level"] == 4

@@ -216,3 +216,26 @@ def test_real_smollm2_two_layers_validate_and_bench(smollm2, tmp_path):
                    settings={"prompt_lengths": [16], "new_tokens": 8, "reps": 1, "decode_reps": 1})
     result = record["providers"]["CPUExecutionProvider"]["results"]["two-layer"]
     assert result["decode"]["tok_s"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_three_way_separates_quantization_from_pruning(tiny_artifacts):
+    """Dense fp32 (PyTorch) / dense export / expert export, each against the dense PyTorch model."""
+    art = tiny_artifacts
+    rec = _validate(art, art["expert_art"], quantized_dense=art["dense_art"])
+    three = rec["three_way"]
+    overall = rec["overall"]
+    assert three["dense_fp32"]["ppl"] == pytest.approx(overall["dense"]["ppl"])
+    assert three["expert_quantized"]["ppl"] == pytest.approx(overall["expert"]["ppl"])
+    assert three["expert_quantized"]["top1_agreement"] == pytest.approx(overall["top1_agreement"])
+    # the dense fp32 export is the dense model: no loss from the export itself
+    assert three["dense_quantized"]["top1_agreement"] == 1.0 and three["dense_quantized"]["kl"] < 1e-6
+    assert three["dense_quantized"]["ppl"] == pytest.approx(three["dense_fp32"]["ppl"], rel=1e-4)
+    assert three["precision"] == "fp32" and three["tokens"] == overall["tokens"]
+    for category in rec["categories"].values():
+        if category["documents"]:
+            assert set(category["three_way"]) >= {"dense_fp32", "dense_quantized", "expert_quantized"}
+    from cusprun_edge.report import _three_way_table
+
+    title, header, rows = _three_way_table(three)
+    assert "Quantization vs pruning" in title and len(header) == 4
+    assert [r[0] for r in rows] == ["dense, fp32 (PyTorch)", "dense, fp32 (ONNX)", "expert, fp32 (ONNX)"]

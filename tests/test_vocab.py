@@ -7,7 +7,7 @@ from tiny import FAMILIES, TEXT, tiny_model
 from cusprun_edge import load_expert
 from cusprun_edge.expert_io import save_expert
 from cusprun_edge.structure import count_params
-from cusprun_edge.vocab import DROPPED_LOGIT, prune_vocab_for_corpora
+from cusprun_edge.vocab import DROPPED_LOGIT, coverage, prune_vocab_for_corpora, tokens_to_keep
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,3 +33,47 @@ def test_vocab_pruning_round_trip(family, tmp_path):
     assert torch.equal(loaded(ids).logits, out)
     if model.config.tie_word_embeddings:
         assert loaded.lm_head.inner.weight is loaded.model.embed_tokens.inner.weight
+
+
+def test_script_rule_keeps_unseen_text_of_the_same_script():
+    _, tok = tiny_model("llama")
+    kept = tokens_to_keep(tok, TEXT[:1], 300)  # one English sentence
+    # every token of the other (Latin-script) sentences is kept, though calibration never saw them
+    assert coverage(tok, kept, TEXT[1:5]) == 1.0
+    narrow = tokens_to_keep(tok, TEXT[:1], 300, keep_top=10)
+    assert len(narrow) < len(kept) and coverage(tok, narrow, TEXT[1:5]) < 1.0
+
+
+@pytest.mark.integration
+def test_smollm2_english_expert_vocabulary_covers_held_out_text(smollm2):
+    from cusprun_edge.corpora import builtin_corpus
+
+    _, tok = smollm2
+    corpus = builtin_corpus("language", "en")
+    kept = tokens_to_keep(tok, corpus.calib, len(tok))
+    assert coverage(tok, kept, corpus.eval) >= 0.999
+    cyrillic = tok(" Привет мир")["input_ids"]
+    assert not set(cyrillic) <= set(kept.tolist()), "tokens of scripts the expert never saw are dropped"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_vocab_pruned_model_exports_and_matches_on_kept_tokens(precision, tmp_path):
+    from test_export import TINY_QUANTIZED
+
+    from cusprun_edge.export import export_model
+    from cusprun_edge.runtime import OnnxCausalLM
+
+    model, tok = tiny_model("llama")
+    prune_vocab_for_corpora(model, tok, TEXT[:3], keep_top=40)
+    kept = model.lm_head.kept_ids
+    manifest = export_model(model, tok, "x86-cpu", tmp_path / "e", precision=precision, thresholds=TINY_QUANTIZED)
+    assert manifest["parity"]["fp32"]["passed"]
+    ids = tok(TEXT[1], return_tensors="pt").input_ids
+    want = model(ids).logits[0].detach()
+    got = torch.from_numpy(OnnxCausalLM(tmp_path / "e").forward(ids.numpy())[0][0])
+    assert got.shape == want.shape  # full vocabulary, so the unchanged tokenizer and GenAI work
+    tol = 1e-3 if precision == "fp32" else 0.35 * float(want[:, kept].std())
+    assert torch.allclose(got[:, kept], want[:, kept], atol=tol)
+    dropped = torch.ones(want.shape[-1], dtype=torch.bool)
+    dropped[kept] = False
+    assert float(got[:, dropped].max()) < -1e3  # dropped tokens are never generated

@@ -70,3 +70,27 @@ def tiny_model(family: str, seed: int = 0):
 
 
 FAMILIES = ["llama", "qwen2", "gemma3"]
+
+
+# Mistral, Qwen3 and Gemma2: claimed in the README, exercised end to end in test_architectures.py.
+def tiny_config_more(family: str):
+    from transformers import Gemma2Config, MistralConfig, Qwen3Config
+
+    if family == "mistral":
+        return MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=False)
+    if family == "qwen3":
+        return Qwen3Config(**COMMON, tie_word_embeddings=True)
+    if family == "gemma2":
+        return Gemma2Config(**COMMON, sliding_window=32, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                            final_logit_softcapping=30.0,
+                            layer_types=["sliding_attention", "full_attention"] * 2)
+    raise ValueError(family)
+
+
+def tiny_model_more(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config_more(family), dtype=torch.float32).eval()
+    return model, tiny_tokenizer()
+
+
+MORE_FAMILIES = ["mistral", "qwen3", "gemma2"]

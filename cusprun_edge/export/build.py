@@ -1,0 +1,275 @@
+"""export_model: trace, graph passes and the fp32 gate, then the target precision by its plan and its
+gate (falling back along the plan), then GenAI config and manifest, all in a temporary directory
+renamed into place at the end (a refused export leaves nothing behind)."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import arch
+from ..errors import UserError
+from ..fsutil import atomic_directory
+from ..structure import count_params, structure_of
+from ..targets import resolve_target
+from . import parity as gate
+from .common import MANIFEST_FILE, MODEL_FILE, one_line
+from .package import (
+    context_length,
+    estimate_memory,
+    io_record,
+    library_versions,
+    opset_of,
+    source_record,
+    tool_version,
+    write_genai_config,
+    write_manifest,
+)
+from .passes import save_onnx
+from .precision import convert_precision
+from .quant_plan import INT4_LEVELS
+from .trace import export_onnx
+
+StepCallback = Callable[[str], None]
+
+
+def export_source(source, target, out, **kwargs) -> dict:
+    """Load `source` (embedded name, .gguf, HF or expert directory) and export it; returns the manifest."""
+    from ..models import load_model
+
+    model, tokenizer = load_model(str(source))
+    return export_model(model, tokenizer, target, out, source=str(source), **kwargs)
+
+
+def export_model(
+    model,
+    tokenizer,
+    target,
+    out,
+    *,
+    precision: str | None = None,
+    force: bool = False,
+    attention: str | None = None,
+    thresholds: dict[str, dict[str, float]] | None = None,
+    source: str | None = None,
+    held_out: str | None = None,
+    on_step: StepCallback | None = None,
+) -> dict:
+    """Export `model` for `target` (a TargetProfile or its name/path) into the directory `out`.
+
+    `precision` defaults to the target's; `attention` ("gqa" or "standard") to the target's;
+    `thresholds` overrides entries of parity.THRESHOLDS; `held_out` names the expert (e.g.
+    "language=fr,domain=medical") whose evaluation split joins the general one in the quantized gate
+    (default: the one recorded in an expert directory `source`); `on_step(name)` hears each step as it
+    starts ("trace", "graph passes", "parity fp32", "quantize int4", "parity int4", "package").
+    Returns the manifest (also written to `out/manifest.json`). Raises UserError on bad input or failed
+    parity, leaving nothing behind; an error in the exporter or a library surfaces as itself."""
+    started = time.perf_counter()
+    profile = resolve_target(target)
+    precision = precision or profile.precision
+    if precision not in profile.precisions:
+        raise UserError(
+            f"precision '{precision}' is not available for target '{profile.name}'; "
+            f"choose one of {', '.join(profile.precisions)}"
+        )
+    attention = attention or profile.attention
+    if attention not in ("gqa", "standard"):
+        raise UserError(f"attention '{attention}' is unknown; use 'gqa' or 'standard'")
+    limits = {p: {**gate.THRESHOLDS[p], **(thresholds or {}).get(p, {})} for p in gate.THRESHOLDS}
+    out = Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists; choose another output directory or pass --force")
+        if not _replaceable(out):
+            raise UserError(f"{out} exists and is not an export directory (no {MANIFEST_FILE}); "
+                            "--force replaces only a previous export: choose another output directory")
+    _check_model(model)
+    memory = estimate_memory(model, precision, profile)
+    if memory["total_mb"] > profile.memory_budget_mb:
+        raise UserError(
+            f"the exported model needs about {memory['total_mb']:.0f} MB on '{profile.name}' "
+            f"(weights {memory['weights_mb']:.0f} MB + KV cache {memory['kv_cache_mb']:.0f} MB at "
+            f"{profile.max_sequence_length} tokens), over its {profile.memory_budget_mb} MB budget; "
+            "choose a lower precision or prune further"
+        )
+
+    with atomic_directory(out) as tmp:
+        manifest = _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source,
+                          on_step or (lambda name: None), _held_out_spec(source, held_out))
+        write_manifest(tmp, manifest, started)
+    return manifest
+
+
+def _replaceable(out: Path) -> bool:
+    """--force replaces a previous export or an empty directory, never anything else."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return (out / MANIFEST_FILE).is_file() or not any(out.iterdir())
+
+
+def _check_model(model) -> None:
+    arch.spec_for(model)
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        raise UserError(
+            f"export needs a float32 model on the CPU, got {param.dtype} on {param.device}; "
+            "load it with load_model(..., dtype=torch.float32)"
+        )
+
+
+
+def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
+    """The expert spec whose evaluation split joins the general one in the held-out gate."""
+    if held_out or not source:
+        return held_out
+    from ..expert_io import expert_record
+
+    path = Path(source)
+    record = expert_record(path) if path.is_dir() else {}
+    spec = (record.get("extra") or {}).get("expert") if isinstance(record.get("extra"), dict) else None
+    return spec or record.get("expert")
+
+
+def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source, step, held_out) -> dict:
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t = time.perf_counter()
+    reference = gate.reference_logits(model, tokenizer)
+    timings["reference"] = round(time.perf_counter() - t, 2)
+    fp32_dir = tmp / "fp32"
+    attention, exporter, fp32_parity, rotary_fused = _export_fp32(
+        model, attention, profile, reference, limits, fp32_dir, timings, notes, step)
+
+    parity = {"fp32": fp32_parity}
+    quantization = None
+    if precision == "fp32":
+        convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision)
+    else:
+        t = time.perf_counter()
+        texts = gate.held_out_texts(held_out)
+        held_reference = gate.held_out_reference(model, tokenizer, texts)
+        timings["held_out_reference"] = round(time.perf_counter() - t, 2)
+        quantization, parity[precision] = _quantize_and_gate(
+            fp32_dir, tmp, precision, profile, reference, held_reference, limits[precision], timings, notes, step)
+    shutil.rmtree(fp32_dir)
+
+    step("package")
+    t = time.perf_counter()
+    tokenizer.save_pretrained(tmp)
+    genai = write_genai_config(model, tokenizer, profile, attention, tmp)
+    if genai.get("skipped"):
+        notes.append(genai["skipped"])
+    timings["package"] = round(time.perf_counter() - t, 2)
+    return {
+        "format": "cusprun-edge-onnx",
+        "format_version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"name": "cusprun-edge", "version": tool_version()},
+        "libraries": library_versions(),
+        "source": source_record(model, source),
+        "target": profile.to_dict(),
+        "precision": precision,
+        "quantization": quantization,
+        "opset": opset_of(tmp / MODEL_FILE),
+        "exporter": exporter,
+        "attention": "GroupQueryAttention" if attention == "gqa" else "standard",
+        "io": io_record(model, attention, rotary_fused),
+        "parameters": count_params(model),
+        "structure": structure_of(model).to_dict(),
+        "pruned": getattr(model.config, "cusprun_structure", None) is not None,
+        "memory_estimate_mb": memory,
+        "parity": {"prompts": list(gate.PARITY_PROMPTS), "decode_steps": gate.DECODE_STEPS,
+                   "held_out": {"spec": held_out or "domain=general",
+                                "documents_per_corpus": gate.HELD_OUT_DOCS, "tokens_per_document": gate.HELD_OUT_TOKENS},
+                   "runtime": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
+                   "thresholds": {p: limits[p] for p in parity}, **parity},
+        "genai": genai,
+        "timings_s": timings,
+        "notes": notes,
+    }
+
+
+def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_reference, limits, timings, notes, step):
+    """Convert to `precision` and gate it on the prompts and the held-out text; an int4 export that fails
+    falls back along quant_plan.INT4_LEVELS (more weights at 8 bits) and says why; one that still fails
+    is refused (UserError: the model itself does not survive this precision)."""
+    levels = range(len(INT4_LEVELS)) if precision == "int4" else [0]
+    failures = []
+    for level in levels:
+        step(f"quantize {precision}" + (f" (fallback {level})" if level else ""))
+        t = time.perf_counter()
+        quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, level=level,
+                                         accuracy_level=profile.accuracy_level)
+        timings[f"convert_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
+        step(f"parity {precision}")
+        t = time.perf_counter()
+        result = gate.check_parity(tmp / MODEL_FILE, reference, limits)
+        result["held_out"] = gate.check_held_out(tmp / MODEL_FILE, held_reference, limits)
+        if result["passed"] and not result["held_out"]["passed"]:
+            result["passed"], result["failure"] = False, result["held_out"]["failure"]
+        timings[f"parity_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
+        if result["passed"]:
+            if failures:
+                quantization["fallback"] = (f"{'; '.join(failures)}; {INT4_LEVELS[level]} passed")
+                notes.append(quantization["fallback"])
+                result["failed_levels"] = failures
+            return quantization, result
+        failures.append(f"{INT4_LEVELS[level] if precision == 'int4' else precision} failed parity ({result['failure']})")
+    hint = {"int4": "; this model loses too much at int4: try --precision int8",
+            "int8": "; try --precision fp16 or fp32"}.get(precision, "")
+    raise UserError(f"export failed parity ({precision}): {'; '.join(failures)}{hint}")
+
+
+def _export_fp32(model, attention, profile, reference, limits, directory, timings, notes, step):
+    """Export the fp32 graph into `directory` and gate it.
+
+    Returns (attention, exporter, parity, whether GroupQueryAttention applies the rotary embedding).
+
+    A GroupQueryAttention export that fails to trace, to load in ONNX Runtime, or its parity is retried with
+    plain attention. A plain export that fails to trace or load is our bug or a library's: it raises as is;
+    one that fails parity is refused (UserError)."""
+    tries = ["gqa", "standard"] if attention == "gqa" else ["standard"]
+    for kind in tries:
+        last = kind == tries[-1]
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir()
+        step("trace" if kind == "gqa" else "trace (plain attention)")
+        t = time.perf_counter()
+        try:
+            onnx_model, exporter = export_onnx(model, kind, profile.opset, context_length(model, profile),
+                                               on_passes=lambda: step("graph passes"))
+        except UserError:
+            raise
+        except Exception as exc:  # a fused-attention failure is retried with plain attention; a plain one raises
+            if last:
+                raise
+            notes.append(f"GroupQueryAttention export failed ({one_line(exc)}); exported plain attention")
+            continue
+        rotary_fused = any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0)
+                           for n in onnx_model.graph)
+        save_onnx(onnx_model, directory / MODEL_FILE)
+        del onnx_model
+        timings["export"] = round(time.perf_counter() - t, 2)
+        step("parity fp32")
+        t = time.perf_counter()
+        try:
+            parity = gate.check_parity(directory / MODEL_FILE, reference, limits["fp32"])
+        except Exception as exc:
+            if last:
+                raise
+            notes.append(f"onnxruntime cannot run the GroupQueryAttention export ({one_line(exc)}); "
+                         "exported plain attention")
+            continue
+        timings["parity_fp32"] = round(time.perf_counter() - t, 2)
+        if parity["passed"]:
+            return kind, exporter, parity, rotary_fused
+        if last:
+            raise UserError(f"export failed parity (fp32): {parity['failure']}")
+        notes.append(f"GroupQueryAttention export failed parity ({parity['failure']}); "
+                     "exported plain attention")
+    raise AssertionError("unreachable")

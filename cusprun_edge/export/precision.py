@@ -1,0 +1,82 @@
+"""Precision conversion of the fp32 graph: fp16 (onnxruntime's converter, numerically sensitive ops
+kept fp32) and weight-only int8 / int4 (MatMulNBits by the per-tensor plan of quant_plan.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+from . import quant_plan, weight_only
+from .common import DATA_FILE, MODEL_FILE
+from .passes import drop_fp16_round_trips, rotary_angle_nodes
+
+# Ops kept in fp32 in an fp16 export: rotary angles (position * frequency) lose whole radians in
+# fp16, and any RMSNorm left unfused would overflow on its sum of squares past |x| ~ 256.
+FP16_KEEP_FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Softmax", "Cos", "Sin", "Range",
+                      "CumSum"]
+
+
+def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, accuracy_level: int = 4,
+                      off_grid: tuple[str, str] | None = None) -> dict | None:
+    """Write the `precision` version of the fp32 graph at `src` to `dst`; return what was done.
+
+    int4/int8: `level` is the fallback level of quant_plan.INT4_LEVELS, `accuracy_level` MatMulNBits'
+    (0: fp32 arithmetic, 4: int8 activations in the CPU kernel), `off_grid` overrides quant_plan.OFF_GRID."""
+    import onnx
+
+    if precision == "fp32":
+        for name in (MODEL_FILE, DATA_FILE):
+            shutil.move(str(src.parent / name), str(dst.parent / name))
+        return None
+    for name in (MODEL_FILE, DATA_FILE):
+        (dst.parent / name).unlink(missing_ok=True)  # onnx appends external data to an existing file
+    proto = onnx.load(str(src))  # weights in memory
+    if precision in ("int4", "int8"):
+        record = _weight_only(proto, precision, level, accuracy_level, off_grid)
+    elif precision == "fp16":
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        proto = convert_float_to_float16(
+            proto, keep_io_types=False, disable_shape_infer=True,
+            op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FP32_OPS,
+            node_block_list=rotary_angle_nodes(proto),
+        )
+        drop_fp16_round_trips(proto)
+        del proto.graph.value_info[:]  # recorded before conversion, the intermediate types are stale
+        record = {"method": "onnxruntime.transformers.float16", "kept_fp32_ops": FP16_KEEP_FP32_OPS,
+                  "io": "KV cache and logits in float16"}
+    else:
+        raise UserError(f"unknown precision '{precision}'")
+    onnx.save(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    return record
+
+
+def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_grid) -> dict:
+    from onnx import numpy_helper
+
+    weight_only.fold_weight_transposes(proto)
+    paths = weight_only.module_paths(proto)
+    weights = {}
+    for name, (_, init) in weight_only.constant_matmuls(proto).items():
+        path = paths.get(name, name)
+        head = init.name.endswith(".transposed") or "lm_head" in path  # a tied lm_head is the transposed embedding
+        weights[name] = (path, numpy_helper.to_array(init), head)
+    plan = quant_plan.make_plan(weights, precision, level, off_grid)
+    del weights
+    records = weight_only.apply_plan(proto, plan, accuracy_level)
+    shared = weight_only.share_embedding_with_lm_head(proto)
+    summary = quant_plan.summarize(plan, paths, records)
+    record = {"method": "MatMulNBits weight-only by a per-tensor plan (cusprun_edge.export.quant_plan)",
+              "bits": 4 if precision == "int4" else 8, "block_size": quant_plan.BLOCK,
+              "accuracy_level": accuracy_level, "level": level,
+              "level_description": quant_plan.INT4_LEVELS[level] if precision == "int4" else "int8",
+              "embedding": "the lm_head's quantized weight (GatherBlockQuantized)" if shared
+              else "float (untied from the lm_head)",
+              "plan": summary}
+    wider = [n for n, e in plan.items() if e.bits == 8 and "lm_head" not in e.why]
+    if precision == "int4" and wider:
+        modules = sorted({paths.get(n, n).rsplit(".", 1)[-1] for n in wider})
+        record["eight_bit"] = {"modules": modules, "matmuls": len(wider)}
+    return record

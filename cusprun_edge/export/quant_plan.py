@@ -1,0 +1,118 @@
+"""The per-tensor precision plan of a weight-only (int4 / int8) export: for every MatMul weight, its
+bits, zero-point kind, rounding method and why; plus the fallback levels the parity gate walks.
+
+Defaults, measured on SmolLM2-135M (Q4_1 projections, Q8_0 tied embedding), held-out en+general text
+against PyTorch fp32 (ppl 25.99), ONNX Runtime 1.32 CPU (benchmarks/results/int4_plan_dense.json,
+builder.json):
+  - The lm_head (the tied embedding) at 8 bits, symmetric: Q8_0 stores exactly that way. At 4 bits
+    (round-to-nearest) it alone measured KL 0.096, top-1 0.78 with every other weight exact.
+  - Weights whose blocks lie on a 4-bit affine grid (Q4_1; Q4_K sub-blocks; q/k/v/gate/up rows and
+    whole-head o_proj columns survive pruning intact) are transcoded exactly: "offset" form, codes and
+    scale in MatMulNBits, the grid's offset per block as a small fp32 MatMul over the input's block
+    sums. Exact int4 measured ppl 26.03, KL 0.0035, top-1 0.96; plain symmetric round-to-nearest (every
+    weight rounded a second time) ppl 32.84, KL 0.41, top-1 0.62, and integer zero points (least-squares
+    fit) hardly better: ppl 32.13, KL 0.31, top-1 0.69. The price: model files 113 MB instead of 86, and
+    decode 16-22% slower on a busy 2-core CPU (bytes read per token grow by about a third).
+  - Weights with no grid (down_proj whose input columns were pruned, refitted weights, fp16 sources)
+    are re-quantized to 4 bits first (OFF_GRID), at 8 bits when the gate refuses that (level 1). On the
+    25% en+general expert (fp32 ppl 43.37): 4-bit integer zero point ppl 47.32, KL 0.099, top-1 0.81,
+    which the gate refuses; at 8 bits ppl 43.51, KL 0.0039, top-1 0.96 (files 100 MB; plain int4 69 MB,
+    ppl 60.7). The 35% expert took the same path. (The offset form would fit them better, but needs
+    whole blocks: pruned widths are rarely multiples of 32.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import nbits
+
+BLOCK = 32
+# A weight counts as "on a grid" when at least this share of its blocks is (a pruned down_proj
+# keeps a handful of blocks by chance; a Q4_1 weight has all of them).
+GRID_SHARE = 0.5
+# Re-quantization of 4-bit weights without a grid: (zero-point kind, method). Least-squares fit with an
+# integer zero point: relative weight error 0.081 vs 0.085 (symmetric) on a broken SmolLM2 down_proj.
+OFF_GRID = ("uint8", "fit")
+
+# Fallback levels of an int4 export, in order; the gate tries the next when one fails.
+INT4_LEVELS = (
+    "int4: lm_head 8-bit, grid weights exact, off-grid weights 4-bit",
+    "int4 + off-grid weights at 8 bits",
+    "int4 + every projection at 8 bits",
+)
+
+
+@dataclass
+class TensorPlan:
+    """How one MatMul weight is stored (kind: none / uint8 / offset, see nbits)."""
+
+    bits: int
+    kind: str
+    method: str  # "fit" or "rtn" for blocks not on a grid
+    why: str
+    block: int = BLOCK
+
+    def to_dict(self) -> dict:
+        return {"format": "MatMulNBits", **asdict(self), "zero_point": KIND_WORDS[self.kind]}
+
+
+KIND_WORDS = {"none": "none (symmetric, code 2**(bits-1) is zero)",
+              "uint8": "integer per block (uint8, packed like the weights)",
+              "offset": "fp32 offset per block (a MatMul over the input's block sums)"}
+
+
+def grid_share(weight: np.ndarray, bits: int = 4, block: int = BLOCK) -> float:
+    """Share of the weight's blocks that are an affine `bits`-bit grid (exactly representable)."""
+    blocks = nbits.blocks_of(weight, block)
+    on, *_ = nbits.affine_grid(blocks, 1 << bits)
+    return float(on.mean()) if on.size else 0.0
+
+
+def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, level: int = 0,
+              off_grid: tuple[str, str] | None = None) -> dict[str, TensorPlan]:
+    """`weights`: MatMul name -> (module path, W [K, N], whether it is the lm_head). Returns MatMul
+    name -> TensorPlan. `off_grid` overrides OFF_GRID."""
+    off_grid = off_grid or OFF_GRID
+    plan = {}
+    for name, (path, weight, head) in weights.items():
+        if precision == "int8":
+            plan[name] = TensorPlan(8, "none", "rtn", "int8: every weight 8-bit symmetric (Q8_0 exactly)")
+            continue
+        if head:
+            plan[name] = TensorPlan(8, "none", "rtn", "lm_head / tied embedding at 8 bits (Q8_0 stores exactly)")
+            continue
+        share = grid_share(weight) if weight.shape[0] % BLOCK == 0 else 0.0  # offsets need whole blocks
+        if level >= 2:
+            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {INT4_LEVELS[2]}")
+        elif share >= GRID_SHARE:
+            plan[name] = TensorPlan(4, "offset", "fit", f"{share:.0%} of blocks on a 4-bit grid: stored exactly")
+        elif level >= 1:
+            plan[name] = TensorPlan(8, "none", "rtn", f"no 4-bit grid ({share:.0%} of blocks); fallback: 8 bits")
+        else:
+            kind = off_grid[0] if off_grid[0] != "offset" or weight.shape[0] % BLOCK == 0 else "uint8"
+            plan[name] = TensorPlan(4, kind, off_grid[1], f"no 4-bit grid ({share:.0%} of blocks): {off_grid[1]} "
+                                    f"with zero point {kind}")
+    return plan
+
+
+def summarize(plan: dict[str, TensorPlan], paths: dict[str, str], records: dict[str, dict]) -> dict:
+    """Manifest record: per tensor (by module path) its plan and what quantizing it measured."""
+    tensors = {}
+    for name, entry in plan.items():
+        record = records.get(name, {})
+        tensors[paths.get(name, name)] = {
+            **entry.to_dict(),
+            "exact_blocks": f"{record.get('exact_blocks', 0)}/{record.get('blocks', 0)}",
+            "rel_rms_error": round(record.get("rel_rms_error", 0.0), 6),
+        }
+    counts: dict[str, int] = {}
+    for entry in plan.values():
+        key = f"{entry.bits}-bit {entry.kind}"
+        counts[key] = counts.get(key, 0) + 1
+    exact = sum(r.get("exact_blocks", 0) for r in records.values())
+    total = sum(r.get("blocks", 0) for r in records.values())
+    return {"tensors": tensors, "counts": counts, "exact_blocks": exact, "blocks": total,
+            "exact_share": round(exact / total, 4) if total else 0.0}

@@ -1,0 +1,130 @@
+"""Generate stage: the dense and the expert artifacts continue the same prompts, greedily, through
+onnxruntime_genai (the runtime a device app uses), with tokens/s of each.
+
+The prompts are a fixed list per built-in category (`calib/prompts.json`, written for this project)
+for the expert's own language, domain and task, plus the user's own (`build --prompt`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .corpora import calib_root
+from .errors import UserError
+from .stages import Stage
+
+GENERATIONS_FILE = "generations.json"
+MAX_NEW_TOKENS = 48
+BUILTIN_PER_EXPERT = 4  # built-in prompts shown per build, shared round-robin among its dimensions
+
+
+def prompts_file() -> Path:
+    return calib_root() / "prompts.json"
+
+
+def builtin_prompts() -> dict[str, list[str]]:
+    """category name ("domain/medical") -> its prompts."""
+    data = json.loads(prompts_file().read_text(encoding="utf-8"))
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def prompts_for(expert: str, extra=()) -> list[dict]:
+    """[{prompt, source}] for an expert spec: built-in prompts of its categories taken in turn (so every
+    dimension is heard), then the user's own. A dimension given as a path has no built-in prompts."""
+    from .corpora import ExpertSpec
+
+    table = builtin_prompts()
+    lists = [[(p, f"{dim}/{cat}") for p in table.get(f"{dim}/{cat}", [])]
+             for dim, cat in ExpertSpec.parse(expert).dims.items()]
+    chosen: list[dict] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        for lst in lists:
+            if i < len(lst) and len(chosen) < BUILTIN_PER_EXPERT:
+                chosen.append({"prompt": lst[i][0], "source": lst[i][1]})
+    for p in extra:
+        if not p.strip():
+            raise UserError("--prompt is empty")
+        chosen.append({"prompt": p, "source": "user"})
+    return chosen
+
+
+def generate_texts(artifact, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS,
+                   threads: int | None = None, on_prompt=None) -> list[dict]:
+    """Greedy continuations of `prompts` by one exported artifact through onnxruntime_genai:
+    [{text, tokens, seconds, tok_s}], tok_s over the decode steps after the first token."""
+    from .runtime import GenaiCausalLM
+
+    runner = GenaiCausalLM(artifact, "CPUExecutionProvider", threads=threads)
+    og, model = runner.og, runner.model
+    tokenizer = og.Tokenizer(model)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        length = min(len(ids) + max_new_tokens, runner.context_length)
+        params.set_search_options(max_length=length, do_sample=False)
+        generator = og.Generator(model, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)
+        first = None
+        while not generator.is_done():
+            generator.generate_next_token()
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        new = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+        decode_s = end - first if first is not None else 0.0
+        out.append({"text": tokenizer.decode(new), "tokens": len(new), "seconds": round(end - t0, 4),
+                    "tok_s": (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None})
+        del generator
+        if on_prompt:
+            on_prompt()
+    return out
+
+
+def generate(artifacts: dict[str, Path], prompts: list[dict], *, max_new_tokens: int = MAX_NEW_TOKENS,
+             threads: int | None = None, out=None, on_prompt=None) -> dict:
+    """Every artifact (label -> export directory) answers every prompt; writes `out` (JSON) when given."""
+    from .fsutil import write_json
+    from .runtime import genai_support
+
+    reasons = {label: r for label, path in artifacts.items() if (r := genai_support(path))}
+    record = {"engine": "onnxruntime-genai", "provider": "CPUExecutionProvider", "decoding": "greedy",
+              "max_new_tokens": max_new_tokens, "threads": threads, "prompts": [dict(p) for p in prompts]}
+    if reasons:
+        record["skipped"] = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    else:
+        for label, path in artifacts.items():
+            for entry, result in zip(record["prompts"], generate_texts(
+                    path, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens, threads=threads,
+                    on_prompt=on_prompt)):
+                entry[label] = result
+        for label in artifacts:
+            rates = [p[label]["tok_s"] for p in record["prompts"] if p[label].get("tok_s")]
+            record.setdefault("tok_s", {})[label] = sum(rates) / len(rates) if rates else None
+    if out is not None:
+        write_json(out, record)
+    return record
+
+
+class GenerateStage(Stage):
+    """Pipeline stage: dense and expert answer the expert's prompts (report: "the expert talking")."""
+
+    name = "generate"
+    depends = ("export",)
+    modules = ("generate", "runtime")
+
+    def config_keys(self):
+        return ("expert", "prompts", "threads")
+
+    def run(self, ctx, work: Path) -> dict:
+        prompts = prompts_for(ctx.config.expert, ctx.config.prompts)
+        export = ctx.stage_dir("export")
+        ctx.progress.start("generate: dense and expert answer the prompts", total=2 * len(prompts))
+        record = generate({"dense": export / "dense", "expert": export / "expert"}, prompts,
+                          threads=ctx.config.threads, out=work / GENERATIONS_FILE,
+                          on_prompt=lambda: ctx.progress.update(advance=1))
+        return {"file": GENERATIONS_FILE, "prompts": len(prompts), "skipped": record.get("skipped"),
+                "tok_s": record.get("tok_s")}

@@ -1,0 +1,92 @@
+"""Weight-only quantization by plan: weights already on a GGUF block grid (Q4_0, Q4_1, Q8_0) are stored
+exactly in MatMulNBits (checked through a real ONNX Runtime session), weights whose blocks pruning broke
+are re-quantized, and the plan says which is which."""
+
+import gguf
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from gguf import quants
+from onnx import helper, numpy_helper
+
+from cusprun_edge.export import nbits, quant_plan, weight_only
+
+Q = gguf.GGMLQuantizationType
+
+
+def gguf_weight(kind, k=256, n=48, seed=0) -> np.ndarray:
+    """W [K, N] as a GGUF file of `kind` stores it (quantized per row of N x K, then dequantized)."""
+    rows = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    return np.ascontiguousarray(quants.dequantize(quants.quantize(rows, kind), kind).T)
+
+
+def run_matmul(weight: np.ndarray, entry, x: np.ndarray) -> np.ndarray:
+    """x @ W through a one-MatMul ONNX graph quantized by `entry`, on ONNX Runtime's CPU provider."""
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "s", k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "s", n])],
+        [numpy_helper.from_array(weight, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    records = weight_only.apply_plan(proto, {"proj": entry}, accuracy_level=0)
+    assert {n.op_type for n in proto.graph.node} >= {"MatMulNBits"}
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x[None]})[0][0], records["proj"]
+
+
+@pytest.mark.parametrize(("kind", "bits", "form"), [(Q.Q4_1, 4, "offset"), (Q.Q4_0, 4, "none"), (Q.Q8_0, 8, "none")])
+def test_gguf_blocks_transcode_exactly(kind, bits, form):
+    weight = gguf_weight(kind)
+    q = nbits.quantize(weight, bits, form)
+    assert q.exact_blocks == q.blocks
+    tol = 8 * np.finfo(np.float32).eps * np.abs(weight).max()
+    assert q.max_abs_error <= tol
+    # through ONNX Runtime: x = identity rows read the stored weight back, row by row
+    got, record = run_matmul(weight, quant_plan.TensorPlan(bits, form, "fit", "test"), np.eye(weight.shape[0], dtype=np.float32))
+    assert record["exact_blocks"] == record["blocks"]
+    assert np.abs(got - weight).max() <= tol
+    # and a real input gives x @ W to fp32 rounding
+    x = np.random.default_rng(1).standard_normal((5, weight.shape[0])).astype(np.float32)
+    got, _ = run_matmul(weight, quant_plan.TensorPlan(bits, form, "fit", "test"), x)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight, rtol=1e-4, atol=1e-5)
+
+
+def test_q4_1_is_not_exact_without_offsets():
+    """Q4_1's minimum is not a multiple of its step: symmetric or integer zero points must round again."""
+    weight = gguf_weight(Q.Q4_1)
+    for form in ("none", "uint8"):
+        q = nbits.quantize(weight, 4, form)
+        assert q.exact_blocks < q.blocks * 0.05 and q.rel_rms_error > 0.01
+
+
+def test_broken_blocks_are_requantized_not_transcoded():
+    """down_proj loses input columns when FFN channels are pruned: the remaining weights shift across
+    block boundaries, so blocks mix two grids. The plan sees that and re-quantizes them."""
+    weight = gguf_weight(Q.Q4_1, k=512)
+    assert quant_plan.grid_share(weight) == 1.0
+    broken = np.delete(weight, np.arange(0, 512, 5), axis=0)[:384]  # 384 = 12 whole blocks
+    share = quant_plan.grid_share(broken)
+    assert share < 0.05
+    rows_dropped = weight[:, ::2]  # q/k/v/gate/up lose output rows: blocks stay intact
+    assert quant_plan.grid_share(rows_dropped) == 1.0
+    plan = quant_plan.make_plan({"a": ("model.layers.0.mlp.down_proj", broken, False),
+                                 "b": ("model.layers.0.mlp.up_proj", rows_dropped, False),
+                                 "c": ("lm_head", gguf_weight(Q.Q8_0), True)}, "int4")
+    assert (plan["a"].bits, plan["a"].kind) == (4, quant_plan.OFF_GRID[0]) and "no 4-bit grid" in plan["a"].why
+    assert (plan["b"].bits, plan["b"].kind) == (4, "offset") and "stored exactly" in plan["b"].why
+    assert (plan["c"].bits, plan["c"].kind) == (8, "none")
+    q = nbits.quantize(broken, 4, plan["a"].kind, method=plan["a"].method)
+    assert q.exact_blocks < q.blocks * 0.05
+    assert 0.01 < q.rel_rms_error < 0.12  # rounded once more, to a 4-bit grid of its own
+    fallback = quant_plan.make_plan({"a": ("model.layers.0.mlp.down_proj", broken, False)}, "int4", level=1)
+    assert fallback["a"].bits == 8
+
+
+def test_least_squares_fit_beats_min_max_rounding_on_off_grid_weights():
+    weight = np.random.default_rng(2).standard_normal((256, 64)).astype(np.float32)
+    for form in ("uint8", "offset", "none"):
+        rtn = nbits.quantize(weight, 4, form, method="rtn", transcode=False)
+        fit = nbits.quantize(weight, 4, form, method="fit", transcode=False)
+        assert fit.rel_rms_error <= rtn.rel_rms_error * 1.001, form
