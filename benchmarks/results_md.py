@@ -66,7 +66,9 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
                  "expert's domain/task items (4 options, chance 0.25).")
     lines.append("")
     for setting, dense in q["dense"].items():
-        expert = next(r["expert"] for r in q["rows"] if r["setting"] == setting)
+        expert = next((r["expert"] for r in q["rows"] if r["setting"] == setting), None)
+        if expert is None:  # a partial run that has not reached this setting's rows yet
+            continue
         acc = f", MC acc {dense['mc_acc']:.3f}" if "mc_acc" in dense else ""
         lines += [f"### {setting} (`{expert}`)", "",
                   f"Dense: expert ppl {dense['expert_ppl']:.2f}, general ppl ({dense['general_corpus']}) "
@@ -229,7 +231,9 @@ def write_results_md() -> Path:
                 " (quick mode)" if q.get("quick") else "")
             plot = name.replace(".json", ".png")
             _quality_plot(q, RESULTS / plot)
-            lines += [f"## {title}", ""] + _verdict(q) + _quality_section(q, f"results/{plot}")
+            stale = ["**Measured 2026-11-24, before reconstruction and the held-apart split; not re-run since.**", ""] \
+                if q["machine"]["date"] < "2026-11-30" else []
+            lines += [f"## {title}", ""] + stale + _verdict(q) + _quality_section(q, f"results/{plot}")
     frontier = _load("frontier.json")
     if frontier:
         lines += ["## Speed/quality frontier", ""] + _frontier_section(frontier)
@@ -239,6 +243,9 @@ def write_results_md() -> Path:
     for name, title in (("speed.json", "Speed"), ("speed-quick.json", "Speed (quick mode)")):
         s = _load(name)
         if s:
-            lines += [f"## {title}", ""] + _speed_section(s)
+            stale = s["machine"]["date"] < "2026-11-30"  # before the int4 precision plan and the reconstruction
+            lines += [f"## {title}", ""] + (
+                ["**Measured with the previous export (plain int4, no reconstruction); not re-run since.**", ""]
+                if stale else []) + _speed_section(s)
     OUT.write_text("\n".join(lines) + "\n")
     return OUT

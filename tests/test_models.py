@@ -75,9 +75,9 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_cli_models_lists_both_embedded():
     proc = run_cli("models")
     assert proc.returncode == 0, proc.stderr
+    rows = {line.split("\t")[0]: line.split("\t") for line in proc.stdout.splitlines()}  # piped: plain rows
     for name in EMBEDDED:
-        assert name in proc.stdout
-    assert "installed" in proc.stdout
+        assert rows[name][4] in ("yes", "no")  # installed?, on the model's own row
 
 
 def test_cli_bad_model_is_one_line_exit_2(tmp_path):

@@ -72,8 +72,11 @@ def test_vocab_pruned_model_exports_and_matches_on_kept_tokens(precision, tmp_pa
     want = model(ids).logits[0].detach()
     got = torch.from_numpy(OnnxCausalLM(tmp_path / "e").forward(ids.numpy())[0][0])
     assert got.shape == want.shape  # full vocabulary, so the unchanged tokenizer and GenAI work
-    tol = 1e-3 if precision == "fp32" else 0.35 * float(want[:, kept].std())
-    assert torch.allclose(got[:, kept], want[:, kept], atol=tol)
+    diff = got[:, kept] - want[:, kept]
+    if precision == "fp32":
+        assert float(diff.abs().max()) < 1e-3
+    else:  # the same scale-free limit the export's own int4 gate applied to this tiny model
+        assert float(diff.norm() / want[:, kept].norm()) <= TINY_QUANTIZED["int4"]["max_rel_rms"]
     dropped = torch.ones(want.shape[-1], dtype=torch.bool)
     dropped[kept] = False
     assert float(got[:, dropped].max()) < -1e3  # dropped tokens are never generated
