@@ -1,7 +1,8 @@
-"""`python -m benchmarks [quality|frontier|speed|all] [--quick] [--model M --settings a,b]` writes
+"""`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
 results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,23 +19,36 @@ def main() -> None:
         builder.main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("which", nargs="?", default="all", choices=["quality", "frontier", "speed", "all"])
-    parser.add_argument("--quick", action="store_true", help="one setting, one ratio, three methods")
+    parser.add_argument("which", nargs="?", default="all", choices=["quality", "frontier", "speed", "defaults", "all"])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one setting, one ratio, cusprun with and "
+                        "without reconstruction and wanda-sp; one frontier point; no speed table")
     parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality and frontier: the model to prune")
     parser.add_argument("--settings", default="", help="quality and frontier: comma-separated subset of "
                         + ", ".join(quality.SETTINGS))
+    parser.add_argument("--ratios", default="", help="frontier and defaults: comma-separated ratios "
+                        "(default: frontier's six, defaults' 0.35)")
+    parser.add_argument("--vocab", default="both", choices=["both", "full", "pruned"],
+                        help="frontier: points with the full vocabulary, the pruned one, or both")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # BENCH_THREADS=1 lets two benchmark parts share the 2 cores without oversubscribing them
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     started = time.time()
     if args.which in ("quality", "all"):
         quality.run(quick=args.quick, model_name=args.model,
                     only=[x for x in args.settings.split(",") if x] or None)
+    if args.which == "defaults":  # how cusprun's defaults were chosen (held-apart documents; not in `all`)
+        from . import defaults
+
+        defaults.run(ratios=[float(x) for x in args.ratios.split(",") if x] or None, model_name=args.model)
     if args.which in ("frontier", "all"):
         from . import frontier
 
         frontier.run(quick=args.quick, model_name=args.model,
-                     only=[x for x in args.settings.split(",") if x] or None)
-    if args.which in ("speed", "all"):
+                     only=[x for x in args.settings.split(",") if x] or None,
+                     ratios=[float(x) for x in args.ratios.split(",") if x] or None,
+                     vocab_modes=(False,) if args.quick and args.vocab == "both" else
+                     {"both": (False, True), "full": (False,), "pruned": (True,)}[args.vocab])
+    if args.which == "speed" or (args.which == "all" and not args.quick):  # quick: the frontier point measures speed
         from . import speed
 
         speed.run(quick=args.quick)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from cusprun_edge import load_model
 from cusprun_edge.bench import bench
-from cusprun_edge.corpora import ExpertSpec
+from cusprun_edge.corpora import ExpertSpec, calibration_documents
 from cusprun_edge.evaluate import perplexity, torch_logits_fn
 from cusprun_edge.export import export_model
 from cusprun_edge.prune import prune_model
@@ -31,6 +32,9 @@ from cusprun_edge.weights_read import weight_bytes_per_token
 
 from .common import RESULTS, machine, write_json
 from .quality import SETTINGS
+
+# the quality settings, plus the default build's expert (not in `make bench`: for other models, e.g. Gemma)
+FRONTIER_SETTINGS = SETTINGS | {"en+general": "language=en,domain=general"}
 
 WORK = Path(__file__).resolve().parent / "work" / "frontier"
 RATIOS = [0.10, 0.15, 0.20, 0.25, 0.35, 0.45]
@@ -56,10 +60,14 @@ def _onnx_ppl(artifact: Path, tok, texts: list[str]) -> float:
     return perplexity(OnnxCausalLM(artifact, threads=2).logits_fn, tok, texts, batch_size=4)
 
 
-def _export(model, tok, dest: Path) -> dict:
+def _export(model, tok, dest: Path, expert: str | None = None) -> dict:
+    """int4 as `build` exports it: gated on the expert's eval split too, off-grid weights quantized on its
+    calibration documents."""
     if (dest / "manifest.json").exists():
         return json.loads((dest / "manifest.json").read_text())
-    return export_model(model, tok, TARGET, dest, precision="int4", force=True)
+    calibration = calibration_documents(ExpertSpec.parse(expert).corpora()) if expert else None
+    return export_model(model, tok, TARGET, dest, precision="int4", force=True, held_out=expert,
+                        calibration=calibration)
 
 
 def _pair_speed(dense_dir: Path, expert_dir: Path) -> dict:
@@ -77,6 +85,10 @@ def _pair_speed(dense_dir: Path, expert_dir: Path) -> dict:
 
 def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] | None = None,
         vocab_modes: tuple[bool, ...] = (False, True), ratios: list[float] | None = None) -> dict:
+    unknown = [s for s in only or [] if s not in FRONTIER_SETTINGS]
+    if unknown:
+        print(f"unknown setting {', '.join(unknown)}; choose from {', '.join(FRONTIER_SETTINGS)}", file=sys.stderr)
+        raise SystemExit(2)
     data = _load(quick)
     settings = only or (["code"] if quick else list(SETTINGS))
     ratios = ratios or ([0.25] if quick else RATIOS)
@@ -89,7 +101,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
     dense_read = weight_bytes_per_token(dense_dir / "model.onnx")
     started = time.time()
     for setting in settings:
-        spec = ExpertSpec.parse(SETTINGS[setting])
+        spec = ExpertSpec.parse(FRONTIER_SETTINGS[setting])
         corpora = spec.corpora()
         texts = [t for c in corpora.values() for t in c.eval]
         dkey = f"{model_name}/{setting}"
@@ -119,6 +131,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
                 rec = prune_model(expert, scores, list(corpora), "cusprun", ratio, tokenizer=tok, corpora=corpora)
                 point = {"model": model_name, "setting": setting, "ratio": ratio, "vocab_pruned": vocab,
                          "achieved_ratio": rec["achieved_ratio"], "params": rec["params_after"]["total"],
+                         "prune_seconds": rec["seconds"], "prune_peak_rss_mb": rec.get("peak_rss_mb"),
                          "reconstruction": {k: v for k, v in rec.get("reconstruction", {}).items()
                                             if isinstance(v, (str, int, float))}}
                 if vocab:
@@ -127,11 +140,12 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
                     point["vocab"] = {k: v[k] for k in ("vocab_before", "vocab_after", "coverage")}
                 point["fp32_ppl"] = perplexity(torch_logits_fn(expert), tok, texts)
                 dest = work / setting / f"{ratio:.2f}-{'vocab' if vocab else 'full'}"
-                manifest = _export(expert, tok, dest)
+                manifest = _export(expert, tok, dest, FRONTIER_SETTINGS[setting])
                 del expert
                 point["int4_ppl"] = _onnx_ppl(dest, tok, texts)
                 point["ppl_ratio"] = point["int4_ppl"] / dense["fp32_ppl"]
                 point["eight_bit"] = (manifest.get("quantization") or {}).get("eight_bit")
+                point["fallback"] = (manifest.get("quantization") or {}).get("fallback")
                 read = weight_bytes_per_token(dest / "model.onnx")
                 point["per_token_bytes"] = read["per_token_bytes"]
                 point["bytes_speedup"] = dense["per_token_bytes"] / read["per_token_bytes"]

@@ -40,6 +40,8 @@ ABLATIONS = {
     "wanda-sp[head_policy=ffn_first]": ("wanda-sp", {"head_policy": "ffn_first"}),
     # statistics from the dense model in one pass instead of the pruned earlier layers (sequential)
     "cusprun[reconstruct=one-shot]": ("cusprun", {"reconstruct": "one-shot"}),
+    # budgets that follow each layer's measured output damage instead of the same share everywhere
+    "cusprun[allocation=damage]": ("cusprun", {"allocation": "damage"}),
 }
 
 
@@ -57,9 +59,12 @@ def _reconstruction_ablations(methods) -> dict[str, tuple[str, dict]]:
 def variants(quick: bool) -> dict[str, tuple[str, dict]]:
     """Row label -> (method, recipe overrides); cusprun and its reconstruction ablation first, so a run that
     stops early has the rows that matter most."""
-    methods = ("cusprun", "wanda-sp", "flap") if quick else tuple(METHODS)
+    # quick: Cus-Prun with and without its reconstruction, and Wanda-SP as published (a smoke run under 10 min)
+    methods = ("cusprun", "wanda-sp") if quick else tuple(METHODS)
     base = {m: (m, {}) for m in methods}
     recon = _reconstruction_ablations(methods)
+    if quick:
+        recon = {k: v for k, v in recon.items() if v[0] == "cusprun"}
     first = {"cusprun": base.pop("cusprun"), "cusprun[reconstruct=none]": recon.pop("cusprun[reconstruct=none]")}
     return first | base | recon | ({} if quick else ABLATIONS)
 
@@ -134,8 +139,16 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
     # cusprun with and without reconstruction in every cell before the baselines; the lowest and the highest
     # ratio before the middle ones, so a run that stops early has the rows that matter most
     labels, order = list(methods), [ratios[0], *ratios[-1:0:-1]]
-    todo.sort(key=lambda t: (labels.index(t[2]) > 1, order.index(t[1]), list(settings).index(t[0]),
-                             labels.index(t[2])))
+    # (the head-policy and one-shot ablations come after every method's rows)
+    # and the data-driven baselines both ways in every cell before magnitude and random
+    def group(label):
+        if labels.index(label) < 2:
+            return 0
+        if label in ABLATIONS:
+            return 3
+        return 2 if methods[label][0] in ("magnitude", "random") else 1
+
+    todo.sort(key=lambda t: (group(t[2]), order.index(t[1]), list(settings).index(t[0]), labels.index(t[2])))
     for name, ratio, label in todo:
         method, options = methods[label]
         expert = settings[name]

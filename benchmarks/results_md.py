@@ -115,8 +115,8 @@ def _verdict(q: dict) -> list[str]:
     groups = defaultdict(dict)
     for r in q["rows"]:
         groups[(r["setting"], r["target_ratio"])][r["method"]] = r
-    table = ["| setting | ratio | expert ppl: cusprun | best other | MC acc: cusprun | best other | "
-             "general ppl: cusprun | best other |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| setting | ratio | rows compared | expert ppl: cusprun | best other | MC acc: cusprun | best other | "
+             "general ppl: cusprun | best other |", "|---|---|---|---|---|---|---|---|---|"]
     wins = {"expert ppl": 0, "MC acc": 0, "general ppl": 0}
     n, lost = 0, []
     same_policy = []  # (cusprun ppl, wanda-sp with cusprun's head policy ppl)
@@ -143,7 +143,7 @@ def _verdict(q: dict) -> list[str]:
             cells += [("**" + fmt + "**" if won else fmt).format(c[key]), f"{b['method']} " + fmt.format(b[key])]
             if key == "expert_ppl" and not won:
                 lost.append(f"{setting} at {ratio:.2f} ({b['method']} {b[key]:.2f} vs {c[key]:.2f})")
-        table.append(f"| {setting} | {ratio:.2f} | " + " | ".join(cells) + " |")
+        table.append(f"| {setting} | {ratio:.2f} | {len(others)} | " + " | ".join(cells) + " |")
         swapped = methods.get("wanda-sp[head_policy=ffn_first]")
         if swapped:
             same_policy.append((c["expert_ppl"], swapped["expert_ppl"]))
@@ -154,7 +154,8 @@ def _verdict(q: dict) -> list[str]:
              f"reconstruction where measured) in each of {n} "
              f"setting/ratio cells: lowest expert perplexity in {wins['expert ppl']}, highest multiple-choice "
              f"accuracy in {wins['MC acc']}, lowest general (out-of-expert) perplexity in {wins['general ppl']} "
-             "(ties count as wins; bold = Cus-Prun best).", ""]
+             "(ties count as wins; bold = Cus-Prun best; `rows compared`: the other methods' rows measured in "
+             "that cell, each with and without reconstruction where it applies).", ""]
     if lost:
         lines += ["Cells where another method has lower expert perplexity: " + "; ".join(lost) + ".", ""]
     if same_policy:
@@ -213,6 +214,24 @@ def _frontier_section(f: dict) -> list[str]:
     return lines + ["", "![frontier](results/frontier.png)", ""]
 
 
+def _defaults_section(d: dict) -> list[str]:
+    from .defaults import summary
+
+    rows = summary(d)
+    if not rows:
+        return []
+    lines = [_machine_line(d["machine"]) + (" **Partial run.**" if d.get("partial") else ""), "",
+             "cusprun pruned under its default recipe and under one changed field at a time, each with its default "
+             "reconstruction; the figure is the perplexity of the held-apart calibration documents (never the eval "
+             "split) of the expert as it would ship, geometric mean over the settings.", "",
+             "| ratio | recipe | tune ppl (geo. mean) | vs default | per setting |", "|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{s} {v:.2f}" for s, v in r["per_setting"].items())
+        vs = "-" if r["vs_default"] is None else f"{r['vs_default']:.3f}"
+        lines.append(f"| {r['ratio']:.2f} | {r['candidate']} | {r['geo_mean_tune_ppl']:.2f} | {vs} | {per} |")
+    return lines + [""]
+
+
 def write_results_md() -> Path:
     lines = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks`) from `benchmarks/results/*.json`; every figure "
@@ -237,6 +256,9 @@ def write_results_md() -> Path:
     frontier = _load("frontier.json")
     if frontier:
         lines += ["## Speed/quality frontier", ""] + _frontier_section(frontier)
+    defaults = _load("defaults.json")
+    if defaults:
+        lines += ["## How cusprun's defaults were chosen", ""] + _defaults_section(defaults)
     builder = _load("builder.json")
     if builder:
         lines += ["## Our int4 export beside ONNX Runtime GenAI's model builder", ""] + _builder_section(builder)

@@ -201,6 +201,11 @@ class ExpertSpec:
         return out
 
 
+def calibration_documents(corpora: dict[str, Corpus]) -> list[str]:
+    """Every document an expert may be fitted on (scoring and held-apart ones), never its eval split."""
+    return [t for c in corpora.values() for t in (*c.calib, *c.tune)]
+
+
 def all_builtin_corpora() -> dict[str, Corpus]:
     """Every built-in category, keyed by name: scoring them all once serves any expert later."""
     return {

@@ -7,7 +7,9 @@ A method turns statistics into a `Plan` (which FFN channels, query heads and lay
     valid and every layer keeps the same KV-head count (ONNX Runtime GenAI sizes one KV cache for all),
   - whole layers (ShortGPT only).
 Allocation: `global` ranks units of all layers together (scores must be comparable), `uniform` removes the
-same fraction from every layer, `logistic` follows SEAP's depth schedule with the first and last layer kept.
+same fraction from every layer, `logistic` follows SEAP's depth schedule with the first and last layer kept, `damage` gives each layer a share
+of the budget that falls with the damage its uniform-plan removal does at the model's output on held-apart
+calibration documents (damage.py; prune_model measures it).
 Head policy (uniform and logistic): `fraction` takes a layer's fraction from its FFN channels and its head
 tiers alike (so past 1/group of a layer, a whole tier goes); `ffn_first` takes the layer's share of
 parameters from FFN channels and removes head tiers only once the FFN is at its floor.
@@ -65,6 +67,10 @@ class MethodSpec:
     reconstruct: str = "none"
     ridge: float | str = "auto"
     refit_target: str = "layer"
+    # allocation "damage" (damage.py): layer i's share of the budget ~ (mean damage / damage_i) ** power,
+    # within [1/cap, cap] times the uniform share
+    damage_power: float = 0.5
+    damage_cap: float = 2.0
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -101,7 +107,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 RECIPE_CHOICES = {
-    "allocation": ("global", "uniform", "logistic", "layers"),
+    "allocation": ("global", "uniform", "logistic", "damage", "layers"),
     "head_tier_reduce": ("mean", "max"),
     "head_policy": ("fraction", "ffn_first"),
     "reconstruct": ("none", "sequential", "one-shot"),
@@ -122,6 +128,12 @@ def method_with_overrides(name: str, options: dict) -> MethodSpec:
             fields["ridge"] = -1.0
         if not 0 <= fields["ridge"] < 1e3:
             raise UserError("--option ridge must be auto or a number in [0, 1000)")
+    for key, low, high in (("damage_power", 0.0, 4.0), ("damage_cap", 1.0, 10.0)):
+        if key in fields:
+            value = fields[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise UserError(f"--option {key} must be a number in [{low:g}, {high:g}]")
+            fields[key] = float(value)
     for key, value in fields.items():
         if key in RECIPE_CHOICES and value not in RECIPE_CHOICES[key]:
             raise UserError(f"--option {key}={value} is not valid; choose one of {', '.join(RECIPE_CHOICES[key])}")
@@ -327,9 +339,11 @@ def _cost(geo: _Geometry, n_ffn: list[int], n_tiers: list[int]) -> int:
     )
 
 
-def _fractions(spec: MethodSpec, n_layers: int, x: float) -> list[float]:
+def _fractions(spec: MethodSpec, n_layers: int, x: float, weights: list[float] | None = None) -> list[float]:
     if spec.allocation == "uniform":
         return [x] * n_layers
+    if spec.allocation == "damage":  # weights from damage.damage_weights
+        return [min(0.95, x * w) for w in weights]
     # SEAP: sparsity rises with depth along a logistic curve; the first and last layer are kept whole
     fr = []
     for i in range(n_layers):
@@ -340,17 +354,17 @@ def _fractions(spec: MethodSpec, n_layers: int, x: float) -> list[float]:
     return fr
 
 
-def _scheduled_plan(spec, geo, units, budget) -> tuple[list[int], list[int]]:
+def _scheduled_plan(spec, geo, units, budget, weights=None) -> tuple[list[int], list[int]]:
     """Per-layer removal counts from a one-parameter schedule, the parameter found by bisection."""
     lo, hi = 0.0, 2.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        counts = _removed_counts_for_fractions(geo, _fractions(spec, len(units), mid), spec.head_policy)
+        counts = _removed_counts_for_fractions(geo, _fractions(spec, len(units), mid, weights), spec.head_policy)
         if _cost(geo, *counts) > budget:
             hi = mid
         else:
             lo = mid
-    fractions = _fractions(spec, len(units), lo)
+    fractions = _fractions(spec, len(units), lo, weights)
     n_ffn, n_tiers = _removed_counts_for_fractions(geo, fractions, spec.head_policy)
     # top up with the cheapest unit (FFN channels, most removable layer first) to reach the budget
     left = budget - _cost(geo, n_ffn, n_tiers)
@@ -391,12 +405,16 @@ def _global_plan(spec, geo, units, budget) -> tuple[list[int], list[list[int]], 
 
 @torch.no_grad()
 def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
-              options: dict | None = None) -> Plan:
-    """Decide what to remove so that `ratio` of the prunable (non-embedding) parameters go."""
+              options: dict | None = None, layer_damage: list[float] | None = None) -> Plan:
+    """Decide what to remove so that `ratio` of the prunable (non-embedding) parameters go.
+    allocation "damage" needs `layer_damage` (damage.layer_damage of the uniform plan; prune_model measures it)."""
     opts = dict(options or {})
     spec = method_with_overrides(method, opts)
     if not 0 < ratio <= 0.9:
         raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    if spec.allocation == "damage" and layer_damage is None:
+        raise UserError("allocation=damage measures each layer's damage on held-apart documents; "
+                        "run it through `prune`/`build`, which have the expert's corpora")
     corpora = []
     if spec.needs_data:
         if scores is None:
@@ -430,7 +448,12 @@ def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: s
     if spec.allocation == "global":
         removed_ffn, removed_heads = _global_plan(spec, geo, units, budget)
     else:
-        n_ffn, n_tiers = _scheduled_plan(spec, geo, units, budget)
+        weights = None
+        if spec.allocation == "damage":
+            from .damage import damage_weights
+
+            weights = damage_weights(layer_damage, spec.damage_power, spec.damage_cap)
+        n_ffn, n_tiers = _scheduled_plan(spec, geo, units, budget, weights)
         removed_ffn, removed_heads = [], []
         for i, u in enumerate(units):
             removed_ffn.append(u.ffn.argsort()[: n_ffn[i]].tolist())

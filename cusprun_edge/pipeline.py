@@ -86,26 +86,29 @@ class PruneStage(Stage):
         scores = ScoreSet.load(ctx.stage_dir("score") / "scores.safetensors")
         corpora = ExpertSpec.parse(cfg.expert).corpora()
         names = list(corpora)
-        search = None
+        search, pruned = None, None
         ratio = cfg.ratio
         if cfg.max_ppl_ratio is not None:
-            search = _search_ratio(ctx, model, tok, scores, corpora)
+            search, pruned = _search_ratio(ctx, model, tok, scores, corpora)
             ratio = search["ratio"]
         ctx.progress.start(f"pruning {ratio:.0%} with {cfg.method}")
-        expert = copy.deepcopy(model)
+        # the search's probe at the chosen ratio is the expert: it is not pruned a second time
+        expert, pruned_record = pruned if pruned is not None else (copy.deepcopy(model), None)
         calib = [t for c in corpora.values() for t in c.calib]
         record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
                                 options=dict(cfg.method_options),
                                 extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
                                 corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
-                                vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None)
+                                vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None,
+                                pruned_record=pruned_record)
         keys = ("method", "target_ratio", "achieved_ratio", "params_before", "params_after", "reconstruction",
                 "vocab", "ratio_search")
         return {k: record.get(k) for k in keys}
 
 
-def _search_ratio(ctx, model, tok, scores, corpora) -> dict:
-    """The ratio search of a quality-target build, on the corpora's held-apart `tune` documents."""
+def _search_ratio(ctx, model, tok, scores, corpora) -> tuple[dict, tuple]:
+    """The ratio search of a quality-target build, on the corpora's held-apart `tune` documents. Returns the
+    search record and (expert, prune record) of the chosen ratio's probe."""
     import copy
 
     from .corpora import TUNE_EVERY
@@ -120,21 +123,28 @@ def _search_ratio(ctx, model, tok, scores, corpora) -> dict:
                         f"have too few (at least {2 * TUNE_EVERY} documents each)")
     dense_ppl = perplexity(torch_logits_fn(model), tok, tune)
 
+    probes = {}  # ratio -> (expert, record); only passing probes are kept, and only the largest
+
     def measure(ratio: float) -> float:
         expert = copy.deepcopy(model)
-        prune_model(expert, scores, list(corpora), cfg.method, ratio, dict(cfg.method_options), tokenizer=tok,
-                    corpora=corpora)
-        return perplexity(torch_logits_fn(expert), tok, tune)
+        rec = prune_model(expert, scores, list(corpora), cfg.method, ratio, dict(cfg.method_options),
+                          tokenizer=tok, corpora=corpora)
+        ppl = perplexity(torch_logits_fn(expert), tok, tune)
+        if ppl <= cfg.max_ppl_ratio * dense_ppl and all(ratio > r for r in probes):
+            probes.clear()
+            probes[ratio] = (expert, rec)
+        return ppl
 
     ctx.progress.start(f"searching the ratio for perplexity <= {cfg.max_ppl_ratio}x dense")
-    return search_ratio(measure, dense_ppl, cfg.max_ppl_ratio,
-                        on_point=lambda p: ctx.progress.update(f"ratio {p.ratio:.2f}: {p.ppl_ratio:.2f}x dense"))
+    search = search_ratio(measure, dense_ppl, cfg.max_ppl_ratio,
+                          on_point=lambda p: ctx.progress.update(f"ratio {p.ratio:.2f}: {p.ppl_ratio:.2f}x dense"))
+    return search, probes[search["ratio"]]
 
 
 class ExportStage(Stage):
     name = "export"
     depends = ("prune",)
-    modules = ("export", "targets", "arch", "vocab", "expert_io", "structure")
+    modules = ("export", "targets", "arch", "vocab", "expert_io", "structure", "corpora")
 
     def config_keys(self):
         return ("target", "precision")
@@ -152,14 +162,20 @@ class ExportStage(Stage):
             return {"on_step": lambda step: ctx.progress.update(description=f"export {side}: {step}")} \
                 if takes_steps else {}
 
+        from .corpora import ExpertSpec, calibration_documents
+
+        # the gate reads the expert's eval split beside the general one; weights on no 4-bit grid are quantized
+        # on the expert's calibration documents (scoring and held-apart ones)
+        calibration = calibration_documents(ExpertSpec.parse(ctx.config.expert).corpora())
         ctx.progress.start("export dense", total=2)
         model, tok = ctx.dense()
         dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision,
-                                      **steps("dense"))
+                                      held_out=ctx.config.expert, calibration=calibration, **steps("dense"))
         ctx.progress.update(description="export expert", advance=1)
         expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
         expert_manifest = export_model(expert, etok, ctx.config.target, work / "expert",
-                                       precision=ctx.config.precision, **steps("expert"))
+                                       precision=ctx.config.precision, held_out=ctx.config.expert,
+                                       calibration=calibration, **steps("expert"))
         ctx.progress.update(advance=1)
         return {"dense": _manifest_summary(dense_manifest), "expert": _manifest_summary(expert_manifest)}
 

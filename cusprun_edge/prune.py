@@ -91,7 +91,11 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
     t0 = time.time()
     device = _device(device) if device is not None else next(model.parameters()).device
     with _peak_memory(device) as memory:
-        plan = make_plan(model, scores, corpus_names, method, ratio, options)
+        damage = None
+        if spec.allocation == "damage":
+            damage = _layer_damage(model, scores, corpus_names, method, ratio, options, tokenizer, corpora, device)
+        plan = make_plan(model, scores, corpus_names, method, ratio, options,
+                         layer_damage=damage["damage"] if damage else None)
         recon = _reconstruct(model, plan, spec, tokenizer, corpora, device)
         apply_plan(model, plan)
         if recon.get("weights"):
@@ -108,9 +112,22 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
         "params_after": after,
         "options": options or {},
         "reconstruction": recon,
+        **({"layer_damage": damage} if damage else {}),
         "seconds": round(time.time() - t0, 2),
         **memory,
     }
+
+
+def _layer_damage(model, scores, corpus_names, method, ratio, options, tokenizer, corpora, device) -> dict:
+    """Each layer's output damage under the uniform plan, on the held-apart documents (damage.py)."""
+    tune = [t for c in (corpora or {}).values() for t in c.tune]
+    if tokenizer is None or not tune:
+        raise UserError("allocation=damage needs the tokenizer and held-apart calibration documents "
+                        "(the expert's corpora have none)")
+    from .damage import layer_damage
+
+    uniform = make_plan(model, scores, corpus_names, method, ratio, {**(options or {}), "allocation": "uniform"})
+    return layer_damage(model, uniform, tokenizer, tune, device=device)
 
 
 def _device(name) -> torch.device:
@@ -144,11 +161,12 @@ def _reconstruct(model, plan: Plan, spec, tokenizer, corpora, device) -> dict:
 def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: Path, *, options=None,
                    extra: dict | None = None, force: bool = False, vocab_texts: list[str] | None = None,
                    vocab_keep_top: int | None = None, vocab_held_out: dict | None = None,
-                   corpora: dict | None = None, device=None) -> dict:
+                   corpora: dict | None = None, device=None, pruned_record: dict | None = None) -> dict:
     """Prune (refitting on `corpora` when the recipe reconstructs), optionally drop vocabulary rows unseen in
-    `vocab_texts` (the expert's calibration text), and save the expert."""
-    record = prune_model(model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer,
-                         corpora=corpora, device=device)
+    `vocab_texts` (the expert's calibration text), and save the expert. `pruned_record`: `model` is already
+    pruned (prune_model's record, e.g. the ratio search's last passing probe); only the rest is done."""
+    record = pruned_record if pruned_record is not None else prune_model(
+        model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora, device=device)
     if vocab_texts is not None:
         from .vocab import prune_vocab_for_corpora
 

@@ -469,3 +469,21 @@ def test_an_exporter_bug_surfaces_as_itself_not_as_a_user_error(tmp_path, monkey
         export_model(model, tok, "x86-cpu", tmp_path / "out", precision="fp32")
     assert not isinstance(caught.value, UserError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_quantizes_off_grid_weights_on_calibration_documents(tmp_path):
+    """With calibration documents, weights on no 4-bit grid are quantized GPTQ-style (recorded per tensor
+    with its output error); the exact-grid and lm_head entries are unchanged, and without documents the
+    plan is the weight-only fit."""
+    from tiny import TEXT
+
+    model, tok = pruned("llama")
+    manifest = export_model(model, tok, "x86-cpu", tmp_path / "calibrated", precision="int4",
+                            thresholds=TINY_QUANTIZED, calibration=TEXT[:30])
+    tensors = manifest["quantization"]["plan"]["tensors"]
+    down = tensors["model.layers.0.mlp.down_proj"]
+    assert down["method"] == "gptq" and down["kind"] == "uint8" and 0 < down["output_error"] < 0.5
+    assert tensors["lm_head"]["bits"] == 8 and "output_error" not in tensors["lm_head"]
+    assert manifest["timings_s"]["calibration"] > 0 and any("GPTQ" in n for n in manifest["notes"])
+    plain = export_model(model, tok, "x86-cpu", tmp_path / "plain", precision="int4", thresholds=TINY_QUANTIZED)
+    assert plain["quantization"]["plan"]["tensors"]["model.layers.0.mlp.down_proj"]["method"] == "fit"

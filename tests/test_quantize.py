@@ -90,3 +90,37 @@ def test_least_squares_fit_beats_min_max_rounding_on_off_grid_weights():
         rtn = nbits.quantize(weight, 4, form, method="rtn", transcode=False)
         fit = nbits.quantize(weight, 4, form, method="fit", transcode=False)
         assert fit.rel_rms_error <= rtn.rel_rms_error * 1.001, form
+
+
+def test_gptq_keeps_a_pruned_layers_output_on_held_apart_inputs():
+    """A refitted down_proj of a real (tiny) pruned model: quantized with its calibration inputs' statistics,
+    its output on other documents moves less than with the best weight-only fit, and the tensor is stored in
+    the integer zero-point form MatMulNBits reads."""
+    import copy
+
+    from tiny import TEXT, tiny_model
+
+    from cusprun_edge.corpora import Corpus
+    from cusprun_edge.export.calibration import input_grams, off_grid_linears
+    from cusprun_edge.prune import prune_model
+    from cusprun_edge.score import score_model
+
+    model, tok = tiny_model("llama")
+    corpora = {"domain/a": Corpus("domain/a", TEXT[:40], tune=TEXT[40:50])}
+    scores = score_model(model, tok, corpora, show_progress=False)
+    expert = copy.deepcopy(model)
+    prune_model(expert, scores, ["domain/a"], "cusprun", 0.3, tokenizer=tok, corpora=corpora)
+    names = [n for n in off_grid_linears(expert) if n.endswith("layers.1.mlp.down_proj")]
+    assert names  # random weights lie on no grid
+    fit_on = input_grams(expert, tok, TEXT[:40], names)[names[0]]
+    judge = input_grams(expert, tok, TEXT[50:], names)[names[0]]
+    weight = dict(expert.named_modules())[names[0]].weight.detach().numpy().T.astype(np.float32)
+    gptq = nbits.quantize_gptq(weight, 4, fit_on)
+    diag = np.diag(fit_on) / max(np.diag(fit_on).max(), 1e-30)
+    fit = nbits.quantize(weight, 4, "uint8", method="fit", importance=diag, transcode=False)
+    assert gptq.kind == "uint8" and gptq.codes.max() <= 15 and gptq.zero_points.max() <= 15
+    assert nbits.output_error(weight, gptq, judge) < nbits.output_error(weight, fit, judge)
+    assert nbits.output_error(weight, gptq, fit_on) < 0.9 * nbits.output_error(weight, fit, fit_on)
+    # the codes decode as ONNX Runtime decodes them
+    assert np.allclose(gptq.dequantize(), ((gptq.codes.astype(np.float32) - gptq.zero_points[..., None])
+                                           * gptq.scales[..., None]).reshape(weight.shape[1], -1)[:, :weight.shape[0]].T)

@@ -89,3 +89,37 @@ def test_build_refuses_an_impossible_target_in_one_line(tmp_path):
     proc = run_cli("build", "--model", tmp_path / "model", "--max-ppl-ratio", "0.8", "--out", tmp_path / "b2")
     assert_one_line_error(proc, "above 1.0")
     assert not (tmp_path / "b2").exists()
+
+
+def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
+    """A quality-target build prunes once per probe: the chosen ratio's probe is the saved expert, and its
+    perplexity on the held-apart documents is the one the search recorded."""
+    import cusprun_edge.prune as prune_mod
+    from cusprun_edge.expert_io import load_expert
+    from cusprun_edge.pipeline import PruneStage, ScoreStage
+    from cusprun_edge.stages import BuildConfig, BuildContext
+
+    model, tok = fitted_tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "notes"
+    data.mkdir()
+    for i, text in enumerate(TEXT[:20]):
+        (data / f"{i:02d}.txt").write_text(text)
+    calls = []
+    real = prune_mod.prune_model
+    monkeypatch.setattr(prune_mod, "prune_model", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    cfg = BuildConfig(model=str(tmp_path / "model"), expert=f"domain={data}", method="magnitude",
+                      max_ppl_ratio=1.5, precision="fp32")
+    ctx = BuildContext(cfg, tmp_path / "build")
+    for stage in (ScoreStage(), PruneStage()):
+        ctx.stage_dir(stage.name).mkdir(parents=True)
+        record = stage.run(ctx, ctx.stage_dir(stage.name))
+    search = record["ratio_search"]
+    assert record["target_ratio"] == search["ratio"] and len(calls) == len(search["points"])
+    expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
+    from cusprun_edge.corpora import ExpertSpec
+
+    tune = [t for c in ExpertSpec.parse(cfg.expert).corpora().values() for t in c.tune]
+    chosen = next(p for p in search["points"] if p["ratio"] == round(search["ratio"], 4))
+    assert chosen["passed"] and perplexity(torch_logits_fn(expert), etok, tune) == pytest.approx(chosen["ppl"], rel=1e-4)

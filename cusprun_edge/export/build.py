@@ -58,6 +58,7 @@ def export_model(
     thresholds: dict[str, dict[str, float]] | None = None,
     source: str | None = None,
     held_out: str | None = None,
+    calibration: list[str] | None = None,
     on_step: StepCallback | None = None,
 ) -> dict:
     """Export `model` for `target` (a TargetProfile or its name/path) into the directory `out`.
@@ -67,6 +68,8 @@ def export_model(
     "language=fr,domain=medical") whose evaluation split joins the general one in the quantized gate
     (default: the one recorded in an expert directory `source`); `on_step(name)` hears each step as it
     starts ("trace", "graph passes", "parity fp32", "quantize int4", "parity int4", "package").
+    `calibration`: documents (never the held-out ones) whose activations guide the quantization of weights on
+    no 4-bit grid (GPTQ-style; default: the calibration documents of the expert recorded in `source`).
     Returns the manifest (also written to `out/manifest.json`). Raises UserError on bad input or failed
     parity, leaving nothing behind; an error in the exporter or a library surfaces as itself."""
     started = time.perf_counter()
@@ -99,8 +102,10 @@ def export_model(
         )
 
     with atomic_directory(out) as tmp:
+        spec = _held_out_spec(source, held_out)
         manifest = _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source,
-                          on_step or (lambda name: None), _held_out_spec(source, held_out))
+                          on_step or (lambda name: None), spec,
+                          calibration if calibration is not None else _calibration_texts(spec))
         write_manifest(tmp, manifest, started)
     return manifest
 
@@ -135,7 +140,35 @@ def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
     return spec or record.get("expert")
 
 
-def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source, step, held_out) -> dict:
+def _calibration_texts(spec: str | None) -> list[str]:
+    """The expert's calibration documents (scoring and held-apart ones; never its eval split)."""
+    if not spec:
+        return []
+    from ..corpora import ExpertSpec, calibration_documents
+
+    try:
+        return calibration_documents(ExpertSpec.parse(spec).corpora())
+    except UserError:  # an expert built from data that is no longer there: plain re-quantization
+        return []
+
+
+def _grams(model, tokenizer, texts, timings, notes) -> dict:
+    """Input statistics of the weights on no 4-bit grid, for GPTQ-style quantization (none: nothing to do)."""
+    from .calibration import MAX_DOCUMENTS, input_grams, off_grid_linears
+
+    t = time.perf_counter()
+    names = off_grid_linears(model)
+    if not names or not texts:
+        return {}
+    grams = input_grams(model, tokenizer, texts, names)
+    timings["calibration"] = round(time.perf_counter() - t, 2)
+    notes.append(f"{len(names)} weights on no 4-bit grid quantized GPTQ-style on "
+                 f"{min(len(texts), MAX_DOCUMENTS)} calibration documents")
+    return grams
+
+
+def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source, step, held_out,
+           calibration) -> dict:
     timings: dict[str, float] = {}
     notes: list[str] = []
     t = time.perf_counter()
@@ -154,8 +187,11 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         texts = gate.held_out_texts(held_out)
         held_reference = gate.held_out_reference(model, tokenizer, texts)
         timings["held_out_reference"] = round(time.perf_counter() - t, 2)
+        grams = _grams(model, tokenizer, calibration, timings, notes) if precision == "int4" else {}
         quantization, parity[precision] = _quantize_and_gate(
-            fp32_dir, tmp, precision, profile, reference, held_reference, limits[precision], timings, notes, step)
+            fp32_dir, tmp, precision, profile, reference, held_reference, limits[precision], timings, notes, step,
+            grams)
+        del grams
     shutil.rmtree(fp32_dir)
 
     step("package")
@@ -194,7 +230,8 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
     }
 
 
-def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_reference, limits, timings, notes, step):
+def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_reference, limits, timings, notes, step,
+                       grams=None):
     """Convert to `precision` and gate it on the prompts and the held-out text; an int4 export that fails
     falls back along quant_plan.INT4_LEVELS (more weights at 8 bits) and says why; one that still fails
     is refused (UserError: the model itself does not survive this precision)."""
@@ -204,7 +241,7 @@ def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_refere
         step(f"quantize {precision}" + (f" (fallback {level})" if level else ""))
         t = time.perf_counter()
         quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, level=level,
-                                         accuracy_level=profile.accuracy_level)
+                                         accuracy_level=profile.accuracy_level, grams=grams)
         timings[f"convert_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
         step(f"parity {precision}")
         t = time.perf_counter()

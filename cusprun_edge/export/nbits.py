@@ -318,3 +318,60 @@ def pack(q: Quantized) -> dict[str, np.ndarray]:
     if q.offsets is not None:
         out["offsets"] = np.ascontiguousarray(q.offsets.T)
     return out
+
+
+# --------------------------------------------------------------------------- calibration-aware (GPTQ style)
+
+
+def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: int = 32,
+                  damp: float = 0.01) -> Quantized:
+    """Quantize W [K, N] (uint8 zero-point form) so that x @ W keeps its value on calibration inputs,
+    not only W itself: inputs are rounded one at a time and each rounding error is spread over the
+    inputs not yet rounded, along the inverse of H = sum x x^T (the GPTQ update). Each block's scale
+    and integer zero point are fitted (weighted by diag H) when the rounding reaches that block, on the
+    already updated weights. `damp` adds that share of mean(diag H) to the diagonal."""
+    k, n = weight.shape
+    levels = 1 << bits
+    w = weight.astype(np.float64).copy()
+    h = np.array(hessian, np.float64, copy=True)
+    dead = np.diag(h) <= 0  # inputs never active in calibration: their weights cannot matter there
+    h[dead, dead] = 1.0
+    h += damp * float(np.mean(np.diag(h))) * np.eye(k)
+    # upper Cholesky factor of H^-1: row i holds how input i's error spreads over the later inputs
+    chol = np.linalg.cholesky(h)
+    h_inv = np.linalg.solve(chol.T, np.linalg.solve(chol, np.eye(k)))
+    u = np.linalg.cholesky(h_inv).T
+    diag = np.diag(h)
+    nb = -(-k // block)
+    codes = np.zeros((n, nb, block), np.int64)
+    scales = np.zeros((n, nb))
+    zero_points = np.zeros((n, nb), np.int64)
+    for b in range(nb):
+        r0, r1 = b * block, min(k, (b + 1) * block)
+        sub = w[r0:r1].T  # [N, bs], already carrying the earlier blocks' errors
+        imp = np.broadcast_to(diag[r0:r1], sub.shape)
+        _, step, base = _fit_affine(sub, levels, imp)
+        z = np.clip(np.rint(-base / step), 0, levels - 1)
+        _, step = _integer_zero_point(sub, step, z, levels, imp, refine=True)
+        err = np.zeros((r1 - r0, n))
+        for i in range(r0, r1):
+            j = np.clip(np.rint(w[i] / step) + z, 0, levels - 1)
+            e = (w[i] - (j - z) * step) / u[i, i]
+            w[i + 1:r1] -= np.outer(u[i, i + 1:r1], e)
+            err[i - r0] = e
+            codes[:, b, i - r0] = j
+        w[r1:] -= u[r0:r1, r1:].T @ err
+        scales[:, b], zero_points[:, b] = step, z
+        codes[:, b, r1 - r0:] = z[:, None]  # padding inputs decode to zero
+    q = Quantized(bits, block, k, codes.astype(np.uint8), scales.astype(np.float32), zero_points.astype(np.uint8))
+    diff = q.dequantize().astype(np.float64) - weight
+    q.max_abs_error = float(np.abs(diff).max())
+    q.rel_rms_error = float(np.sqrt((diff ** 2).mean() / max((weight.astype(np.float64) ** 2).mean(), 1e-30)))
+    return q
+
+
+def output_error(weight: np.ndarray, q: Quantized, hessian: np.ndarray) -> float:
+    """Relative output error on calibration inputs: tr(D^T H D) / tr(W^T H W), D = dequantized - W."""
+    d = q.dequantize().astype(np.float64) - weight
+    w = weight.astype(np.float64)
+    return float(np.sqrt(np.einsum("kn,kl,ln->", d, hessian, d) / max(np.einsum("kn,kl,ln->", w, hessian, w), 1e-30)))

@@ -18,11 +18,12 @@ FP16_KEEP_FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Softmax
 
 
 def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, accuracy_level: int = 4,
-                      off_grid: tuple[str, str] | None = None) -> dict | None:
+                      off_grid: tuple[str, str] | None = None, grams: dict | None = None) -> dict | None:
     """Write the `precision` version of the fp32 graph at `src` to `dst`; return what was done.
 
     int4/int8: `level` is the fallback level of quant_plan.INT4_LEVELS, `accuracy_level` MatMulNBits'
-    (0: fp32 arithmetic, 4: int8 activations in the CPU kernel), `off_grid` overrides quant_plan.OFF_GRID."""
+    (0: fp32 arithmetic, 4: int8 activations in the CPU kernel), `off_grid` overrides quant_plan.OFF_GRID,
+    `grams` (module name -> input statistics, export/calibration.py) lets off-grid weights be quantized GPTQ-style."""
     import onnx
 
     if precision == "fp32":
@@ -33,7 +34,7 @@ def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, a
         (dst.parent / name).unlink(missing_ok=True)  # onnx appends external data to an existing file
     proto = onnx.load(str(src))  # weights in memory
     if precision in ("int4", "int8"):
-        record = _weight_only(proto, precision, level, accuracy_level, off_grid)
+        record = _weight_only(proto, precision, level, accuracy_level, off_grid, grams or {})
     elif precision == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -53,8 +54,10 @@ def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, a
     return record
 
 
-def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_grid) -> dict:
+def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_grid, grams: dict) -> dict:
     from onnx import numpy_helper
+
+    from .calibration import gram_for
 
     weight_only.fold_weight_transposes(proto)
     paths = weight_only.module_paths(proto)
@@ -63,9 +66,10 @@ def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_gri
         path = paths.get(name, name)
         head = init.name.endswith(".transposed") or "lm_head" in path  # a tied lm_head is the transposed embedding
         weights[name] = (path, numpy_helper.to_array(init), head)
-    plan = quant_plan.make_plan(weights, precision, level, off_grid)
+    by_matmul = {name: g for name, (path, _, _) in weights.items() if (g := gram_for(grams, path)) is not None}
+    plan = quant_plan.make_plan(weights, precision, level, off_grid, calibrated=set(by_matmul))
     del weights
-    records = weight_only.apply_plan(proto, plan, accuracy_level)
+    records = weight_only.apply_plan(proto, plan, accuracy_level, grams=by_matmul)
     shared = weight_only.share_embedding_with_lm_head(proto)
     summary = quant_plan.summarize(plan, paths, records)
     record = {"method": "MatMulNBits weight-only by a per-tensor plan (cusprun_edge.export.quant_plan)",

@@ -43,9 +43,11 @@ def fold_weight_transposes(proto) -> None:
 
 
 def apply_plan(proto, plan: dict, accuracy_level: int,
-               importance: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+               importance: dict[str, np.ndarray] | None = None,
+               grams: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Replace each planned MatMul by MatMulNBits (+ its offset correction); returns per-tensor records
-    (exact blocks, errors). `importance`: MatMul name -> mean square of its input per channel.
+    (exact blocks, errors). `importance`: MatMul name -> mean square of its input per channel; `grams`:
+    MatMul name -> sum of x x^T of its input, for weights planned with method "gptq".
 
     MatMuls that read the same input with the same storage (gate and up projections) become one wider
     MatMulNBits and a Split: one kernel call, one offset correction, instead of one each."""
@@ -64,10 +66,15 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
         parts = []
         for name in names:
             weight = numpy_helper.to_array(matmuls[name][1])
-            q = nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method,
-                               importance=(importance or {}).get(name))
+            if entry.method == "gptq":
+                q = nbits.quantize_gptq(weight, entry.bits, grams[name], block=entry.block)
+            else:
+                q = nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method,
+                                   importance=(importance or {}).get(name))
             records[name] = {"exact_blocks": q.exact_blocks, "blocks": q.blocks,
                              "max_abs_error": q.max_abs_error, "rel_rms_error": q.rel_rms_error}
+            if grams and name in grams:
+                records[name]["output_error"] = nbits.output_error(weight, q, grams[name])
             parts.append((weight.shape[1], nbits.pack(q)))
         packed = {key: np.concatenate([p[key] for _, p in parts], axis=1 if key == "offsets" else 0)
                   for key in parts[0][1]}
