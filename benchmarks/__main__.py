@@ -25,8 +25,12 @@ def main() -> None:
     parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality and frontier: the model to prune")
     parser.add_argument("--settings", default="", help="quality and frontier: comma-separated subset of "
                         + ", ".join(quality.SETTINGS))
-    parser.add_argument("--ratios", default="", help="frontier and defaults: comma-separated ratios "
-                        "(default: frontier's six, defaults' 0.35)")
+    parser.add_argument("--ratios", default="", help="quality, frontier and defaults: comma-separated "
+                        "ratios (default: each part's own)")
+    parser.add_argument("--rows", default="", help="quality: only these rows, separated by ';' "
+                        "(e.g. 'cusprun[allocation=damage]')")
+    parser.add_argument("--respeed", action="store_true",
+                        help="frontier: only measure the speed pairs again, for the artifacts still in benchmarks/work")
     parser.add_argument("--vocab", default="both", choices=["both", "full", "pruned"],
                         help="frontier: points with the full vocabulary, the pruned one, or both")
     args = parser.parse_args()
@@ -35,12 +39,19 @@ def main() -> None:
     started = time.time()
     if args.which in ("quality", "all"):
         quality.run(quick=args.quick, model_name=args.model,
-                    only=[x for x in args.settings.split(",") if x] or None)
+                    only=[x for x in args.settings.split(",") if x] or None,
+                    rows_only=[x for x in args.rows.split(";") if x] or None,
+                    ratios=[float(x) for x in args.ratios.split(",") if x] or None)
     if args.which == "defaults":  # how cusprun's defaults were chosen (held-apart documents; not in `all`)
         from . import defaults
 
         defaults.run(ratios=[float(x) for x in args.ratios.split(",") if x] or None, model_name=args.model)
-    if args.which in ("frontier", "all"):
+    if args.which == "frontier" and args.respeed:
+        from . import frontier
+
+        frontier.respeed(quick=args.quick, only=[x for x in args.settings.split(",") if x] or None,
+                         ratios=[float(x) for x in args.ratios.split(",") if x] or None)
+    elif args.which in ("frontier", "all"):
         from . import frontier
 
         frontier.run(quick=args.quick, model_name=args.model,

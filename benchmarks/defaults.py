@@ -84,21 +84,17 @@ def run(ratios: list[float] | None = None, model_name: str = DEFAULT_MODEL) -> d
 
 
 def summary(data: dict) -> list[dict]:
-    """Per ratio and candidate: geometric-mean tune perplexity over the settings measured for every candidate,
-    and its ratio to the default's."""
+    """Per ratio and candidate: its held-apart perplexity per setting, and the geometric mean of its ratio to
+    the default's over the settings where both were measured (below 1: better than the default)."""
     out = []
     for ratio in sorted({r["ratio"] for r in data["rows"]}):
-        rows = [r for r in data["rows"] if r["ratio"] == ratio]
-        cands = {r["candidate"] for r in rows}
-        settings = [s for s in SETTINGS if all(any(r["setting"] == s and r["candidate"] == c for r in rows)
-                                               for c in cands)]
-        if not settings:
-            continue
-        by = {(r["setting"], r["candidate"]): r["tune_ppl"] for r in rows}
-        gm = {c: math.exp(sum(math.log(by[(s, c)]) for s in settings) / len(settings)) for c in cands}
-        base = gm.get("default")
-        for c in sorted(cands, key=gm.get):
-            out.append({"ratio": ratio, "candidate": c, "settings": settings, "geo_mean_tune_ppl": round(gm[c], 3),
-                        "vs_default": round(gm[c] / base, 4) if base else None,
-                        "per_setting": {s: by[(s, c)] for s in settings}})
+        by = {(r["setting"], r["candidate"]): r["tune_ppl"] for r in data["rows"] if r["ratio"] == ratio}
+        cands = [c for c in CANDIDATES if any(k[1] == c for k in by)]
+        for c in cands:
+            common = [s for s in SETTINGS if (s, c) in by and (s, "default") in by]
+            vs = (math.exp(sum(math.log(by[(s, c)] / by[(s, "default")]) for s in common) / len(common))
+                  if common else None)
+            out.append({"ratio": ratio, "candidate": c, "vs_default": round(vs, 4) if vs else None,
+                        "settings": common, "per_setting": {s: by[(s, c)] for s in SETTINGS if (s, c) in by}})
+        out.sort(key=lambda r: (r["ratio"], r["vs_default"] if r["vs_default"] is not None else 9.0))
     return out

@@ -98,7 +98,9 @@ def results_name(quick: bool, model_name: str) -> str:
     return f"quality{suffix}.json"
 
 
-def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | None = None) -> dict:
+def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | None = None,
+        rows_only: list[str] | None = None, ratios: list[float] | None = None) -> dict:
+    """`rows_only`: only these rows (e.g. "cusprun[allocation=damage]"), `ratios`: only these ratios."""
     torch.manual_seed(0)
     if only:
         unknown = [s for s in only if s not in SETTINGS]
@@ -108,8 +110,14 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
         settings = {s: SETTINGS[s] for s in only}
     else:
         settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
-    ratios = [0.25] if quick else RATIOS
+    ratios = ratios or ([0.25] if quick else RATIOS)
     methods = variants(quick)
+    if rows_only:
+        unknown = [label for label in rows_only if label not in methods]
+        if unknown:
+            print(f"unknown row {', '.join(unknown)}; choose from {', '.join(methods)}", file=sys.stderr)
+            raise SystemExit(2)
+        methods = {label: methods[label] for label in rows_only}
     # resume: rows already in the results file are kept and not measured again
     path = RESULTS / results_name(quick, model_name)
     old = json.loads(path.read_text()) if path.exists() else {}
@@ -182,5 +190,12 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
               f"general {q['general_ppl']:.2f} acc {q.get('mc_acc', float('nan')):.3f} "
               f"refit {recon.get('mode')} prune {prune_seconds:.0f} s", flush=True)
         del m
+    # a run restricted to some rows, settings or ratios leaves the full table partial
+    full = {(n, label, r) for n in (settings if quick else SETTINGS) for r in ([0.25] if quick else RATIOS)
+            for label in variants(quick)}
+    missing = full - {(r["setting"], r["method"], r["target_ratio"]) for r in rows}
+    if missing:
+        payload |= {"partial": True, "note": f"{len(rows)} rows so far, {len(missing)} to measure; the run resumes "
+                    "from here"}
     write_json(path.name, payload)
     return payload

@@ -118,7 +118,7 @@ def _verdict(q: dict) -> list[str]:
     table = ["| setting | ratio | rows compared | expert ppl: cusprun | best other | MC acc: cusprun | best other | "
              "general ppl: cusprun | best other |", "|---|---|---|---|---|---|---|---|---|"]
     wins = {"expert ppl": 0, "MC acc": 0, "general ppl": 0}
-    n, lost = 0, []
+    n, lost, compared = 0, [], set()
     same_policy = []  # (cusprun ppl, wanda-sp with cusprun's head policy ppl)
     for (setting, ratio), methods in sorted(groups.items()):
         if "cusprun" not in methods:
@@ -129,6 +129,7 @@ def _verdict(q: dict) -> list[str]:
         if not others:
             continue
         n += 1
+        compared |= {r["method"].split("[")[0] for r in others}
         c = methods["cusprun"]
         cells = []
         for label, key, higher in (("expert ppl", "expert_ppl", False), ("MC acc", "mc_acc", True),
@@ -149,7 +150,7 @@ def _verdict(q: dict) -> list[str]:
             same_policy.append((c["expert_ppl"], swapped["expert_ppl"]))
     if not n:
         return []
-    n_methods = len({r["method"].split("[")[0] for r in others})
+    n_methods = len(compared)
     lines = [f"Cus-Prun against the best of the other {n_methods} published methods (each with and without "
              f"reconstruction where measured) in each of {n} "
              f"setting/ratio cells: lowest expert perplexity in {wins['expert ppl']}, highest multiple-choice "
@@ -223,12 +224,13 @@ def _defaults_section(d: dict) -> list[str]:
     lines = [_machine_line(d["machine"]) + (" **Partial run.**" if d.get("partial") else ""), "",
              "cusprun pruned under its default recipe and under one changed field at a time, each with its default "
              "reconstruction; the figure is the perplexity of the held-apart calibration documents (never the eval "
-             "split) of the expert as it would ship, geometric mean over the settings.", "",
-             "| ratio | recipe | tune ppl (geo. mean) | vs default | per setting |", "|---|---|---|---|---|"]
+             "split) of the expert as it would ship. `vs default`: geometric mean over the settings where both "
+             "were measured of the ratio to the default recipe's perplexity (below 1: better).", "",
+             "| ratio | recipe | vs default | settings compared | held-apart ppl per setting |", "|---|---|---|---|---|"]
     for r in rows:
         per = ", ".join(f"{s} {v:.2f}" for s, v in r["per_setting"].items())
         vs = "-" if r["vs_default"] is None else f"{r['vs_default']:.3f}"
-        lines.append(f"| {r['ratio']:.2f} | {r['candidate']} | {r['geo_mean_tune_ppl']:.2f} | {vs} | {per} |")
+        lines.append(f"| {r['ratio']:.2f} | {r['candidate']} | {vs} | {len(r['settings'])} | {per} |")
     return lines + [""]
 
 

@@ -76,12 +76,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in [
-        # How these defaults were chosen. allocation=uniform and head_policy=ffn_first were picked before the
-        # calibration documents were split, on figures from the held-out *eval* split (SmolLM2, finance expert at
-        # 25%: uniform 62.8 vs global 84.4 ppl; code expert at 0.35: ffn_first 23.0 vs fraction 102.8), which
-        # should never decide anything; they stay until re-decided on the held-apart `tune` split (issue 10).
-        # reconstruct=sequential: the refit is only kept where it lowers the tune split's perplexity
-        # (reconstruct.py), so it cannot make the expert worse there; see benchmarks/RESULTS.md for eval figures.
+        # How these defaults are judged: `python -m benchmarks defaults` prunes cusprun under this recipe and
+        # under one changed field at a time (head policy, allocation incl. budgets from measured damage, tau,
+        # aggregation), with reconstruction, and compares the perplexity of the held-apart calibration documents
+        # (never the eval split); benchmarks/RESULTS.md has the table. At 35% so far: code keeps every field
+        # except allocation=damage (8.39 vs 8.90); fr+medical prefers head_policy=fraction (76.8 vs 83.2) and
+        # allocation=global (71.2). The recipe changes once the run covers every setting and the eval-split
+        # tables are re-measured with the winner. reconstruct=sequential: the refit is only kept where it lowers
+        # the held-apart perplexity (reconstruct.py), so it cannot make the expert worse there.
         MethodSpec("cusprun", "Cus-Prun: remove units irrelevant (lowest impact) for every expert dimension",
                    "cusprun", "uniform", head_tier_reduce="max", head_policy="ffn_first", reconstruct="sequential"),
         MethodSpec("wanda-sp", "structured Wanda: |W| x input norm per unit, same sparsity every layer",

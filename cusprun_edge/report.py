@@ -451,7 +451,8 @@ def _r(value) -> str:
 
 
 def _mb(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MB"
+    # decimal megabytes, as file managers, README and benchmarks/results state sizes
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
 
 
 def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -575,7 +576,7 @@ def _search_table(data: dict):
     limit = search["max_ppl_ratio"]
     rows = [[f"{p['ratio']:.3f}", f"{p['ppl_ratio']:.3f}", "yes" if p["passed"] else "no", f"{p['seconds']:.0f}"]
             for p in search["points"]]
-    ret = (data.get("retention") or {}).get("ppl")
+    ret = ((data.get("retention") or {}).get("overall") or {}).get("ppl")
     if ret:
         got = 1 / ret
         verdict = ("confirmed" if got <= limit else f"missed by {got / limit - 1:.1%}")
@@ -616,6 +617,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a literal pipe inside a Markdown table cell
 
 
+def _ratio_words(data: dict) -> str:
+    """The ratio the expert was pruned at: the searched one in a quality-target build, else the requested one."""
+    search = data.get("ratio_search")
+    if search:
+        return f"ratio {search['ratio']:.3f} (searched for perplexity <= {search['max_ppl_ratio']}x dense)"
+    return f"ratio {(data.get('config') or {}).get('ratio')}"
+
+
 def _markdown(data: dict, images: dict[str, str]) -> str:
     cfg = data.get("config") or {}
     lines = ["# cusprun-edge build report", ""]
@@ -623,7 +632,7 @@ def _markdown(data: dict, images: dict[str, str]) -> str:
         lines += [f"**{data['verdict']}**", ""]
     if cfg:
         lines += [(f"Model `{cfg.get('model')}`, expert `{cfg.get('expert')}`, method `{cfg.get('method')}`, "
-                   f"ratio {cfg.get('ratio')}, target `{cfg.get('target')}`."), ""]
+                   f"{_ratio_words(data)}, target `{cfg.get('target')}`."), ""]
     for title, header, rows in tables(data):
         lines += [f"## {title}", "", "| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
@@ -665,7 +674,7 @@ def _html(data: dict, pngs: dict[str, bytes]) -> str:
         parts.append(f"<p id='verdict' class='verdict'>{esc(data['verdict'])}</p>")
     if cfg:
         parts.append(f"<p>Model <code>{esc(str(cfg.get('model')))}</code>, expert <code>{esc(str(cfg.get('expert')))}</code>, "
-                     f"method <code>{esc(str(cfg.get('method')))}</code>, ratio {esc(str(cfg.get('ratio')))}, "
+                     f"method <code>{esc(str(cfg.get('method')))}</code>, {esc(_ratio_words(data))}, "
                      f"target <code>{esc(str(cfg.get('target')))}</code>.</p>")
     for title, header, rows in tables(data):
         parts.append(f"<h2>{esc(title)}</h2><table><thead><tr>"

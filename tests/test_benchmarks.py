@@ -22,8 +22,22 @@ def test_verdict_counts_wins_per_measure_and_ignores_ablations():
     assert "code at 0.45 (flap 20.00 vs 30.00)" in text
     assert "wanda-sp's in 1 of 2 cells" in text
     # the ablation's better figures at 0.25 are not 'best other'
-    assert "| code | 0.25 | **10.00** | wanda-sp 11.00 | 0.300 | flap 0.400 | 50.00 | flap 40.00 |" in text
+    assert "| code | 0.25 | 2 | **10.00** | wanda-sp 11.00 | 0.300 | flap 0.400 | 50.00 | flap 40.00 |" in text
+    assert "the other 2 published methods" in text
 
 
 def test_verdict_without_other_methods_says_nothing():
     assert _verdict({"rows": [_row("cusprun", 10.0, 0.3, 50.0)]}) == []
+
+
+def test_defaults_summary_compares_each_recipe_with_the_default_on_shared_settings():
+    from benchmarks.defaults import summary
+
+    rows = [{"ratio": 0.35, "setting": s, "candidate": c, "tune_ppl": p} for s, c, p in (
+        ("code", "default", 10.0), ("code", "allocation=damage", 9.0), ("fr+medical", "default", 80.0),
+        ("fr+medical", "allocation=damage", 40.0), ("code", "tau=1.0", 11.0))]
+    out = {r["candidate"]: r for r in summary({"rows": rows})}
+    assert out["allocation=damage"]["vs_default"] == round((0.9 * 0.5) ** 0.5, 4)
+    assert out["tau=1.0"]["vs_default"] == 1.1 and out["tau=1.0"]["settings"] == ["code"]
+    assert out["default"]["vs_default"] == 1.0
+    assert [r["candidate"] for r in summary({"rows": rows})][0] == "allocation=damage"

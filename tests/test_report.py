@@ -250,3 +250,19 @@ def test_report_renders_in_chromium(tiny_builds, tmp_path):
     lo, hi = img.getextrema()
     assert hi - lo > 100  # text and plots on a white page, not a blank image
     assert sum(img.histogram()[:128]) > 1000
+
+
+def test_quality_target_report_says_whether_the_eval_split_confirms_the_search():
+    from cusprun_edge.report import _ratio_words, _search_table
+
+    search = {"ratio": 0.1, "max_ppl_ratio": 1.2, "seconds": 600.0,
+              "points": [{"ratio": 0.05, "ppl_ratio": 1.08, "passed": True, "seconds": 100.0},
+                         {"ratio": 0.1, "ppl_ratio": 1.18, "passed": True, "seconds": 100.0},
+                         {"ratio": 0.15, "ppl_ratio": 1.36, "passed": False, "seconds": 100.0}]}
+    data = {"ratio_search": search, "config": {"ratio": 0.25}, "retention": {"overall": {"ppl": 1 / 1.18}}}
+    title, header, rows = _search_table(data)
+    assert rows[-1][:3] == ["chosen 0.100", "eval split: 1.180", "confirmed"]
+    data["retention"]["overall"]["ppl"] = 1 / 1.3
+    assert _search_table(data)[2][-1][2] == "missed by 8.3%"
+    assert _ratio_words(data).startswith("ratio 0.100 (searched") and "0.25" not in _ratio_words(data)
+    assert _ratio_words({"config": {"ratio": 0.25}}) == "ratio 0.25"

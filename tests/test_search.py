@@ -71,16 +71,22 @@ def test_search_refuses_an_impossible_target(measured):
         search_ratio(measure, dense, 0.9)
 
 
-def test_build_refuses_an_impossible_target_in_one_line(tmp_path):
-    from conftest import assert_one_line_error, run_cli
-
+def saved_model_and_notes(tmp_path, n_docs: int):
+    """The fitted tiny model saved as a directory, and `n_docs` test sentences as a folder of .txt files."""
     model, tok = fitted_tiny_model()
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     data = tmp_path / "notes"
     data.mkdir()
-    for i, text in enumerate(TEXT[:16]):
+    for i, text in enumerate(TEXT[:n_docs]):
         (data / f"{i:02d}.txt").write_text(text)
+    return data
+
+
+def test_build_refuses_an_impossible_target_in_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    data = saved_model_and_notes(tmp_path, 16)
     out = tmp_path / "build"
     proc = run_cli("build", "--model", tmp_path / "model", "--expert", f"domain={data}", "--method", "magnitude",
                    "--max-ppl-ratio", "1.000001", "--precision", "fp32", "--out", out)
@@ -99,13 +105,7 @@ def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
     from cusprun_edge.pipeline import PruneStage, ScoreStage
     from cusprun_edge.stages import BuildConfig, BuildContext
 
-    model, tok = fitted_tiny_model()
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    data = tmp_path / "notes"
-    data.mkdir()
-    for i, text in enumerate(TEXT[:20]):
-        (data / f"{i:02d}.txt").write_text(text)
+    data = saved_model_and_notes(tmp_path, 20)
     calls = []
     real = prune_mod.prune_model
     monkeypatch.setattr(prune_mod, "prune_model", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
