@@ -240,8 +240,10 @@ def write_results_md() -> Path:
              "below was measured on the machine named with it.", ""]
     runs = [r for r in (_load("run.json"), _load("run-quick.json")) if r]
     if runs:
-        lines += ["Wall-clock time of the last runs on this machine: " + "; ".join(
-            f"`{r['command']}` {r['seconds'] / 60:.1f} min ({r['date']})" for r in runs) + ".", ""]
+        lines += ["Wall-clock time of the last complete runs on this machine: " + "; ".join(
+            f"`{r['command']}` {r['seconds'] / 60:.1f} min ({r['date']}"
+            + (", before reconstruction and the frontier were added: the benchmark is far larger now"
+               if r["date"] < "2026-11-30" else "") + ")" for r in runs) + ".", ""]
     if NOTES.exists():
         lines += ["## Reading the results", "", NOTES.read_text().strip(), ""]
     quality_files = ["quality.json"] + sorted(p.name for p in RESULTS.glob("quality-*.json"))

@@ -79,11 +79,12 @@ METHODS: dict[str, MethodSpec] = {
         # How these defaults are judged: `python -m benchmarks defaults` prunes cusprun under this recipe and
         # under one changed field at a time (head policy, allocation incl. budgets from measured damage, tau,
         # aggregation), with reconstruction, and compares the perplexity of the held-apart calibration documents
-        # (never the eval split); benchmarks/RESULTS.md has the table. At 35% so far: code keeps every field
-        # except allocation=damage (8.39 vs 8.90); fr+medical prefers head_policy=fraction (76.8 vs 83.2) and
-        # allocation=global (71.2). The recipe changes once the run covers every setting and the eval-split
-        # tables are re-measured with the winner. reconstruct=sequential: the refit is only kept where it lowers
-        # the held-apart perplexity (reconstruct.py), so it cannot make the expert worse there.
+        # (never the eval split); benchmarks/RESULTS.md has the table. At 35% on code and fr+medical: tau 0.9 and
+        # RMS impact beat tau 1.0 and mean impact on both; head_policy=fraction is a wash (worse on code, better
+        # on fr+medical); allocation=global and allocation=damage beat uniform on both (damage: 8.39 vs 8.90,
+        # 69.0 vs 83.2). The allocation switches once en+legal+qa is measured and the eval-split tables are
+        # re-measured with it. reconstruct=sequential: the refit is only kept where it lowers the held-apart
+        # perplexity (reconstruct.py), so it cannot make the expert worse there.
         MethodSpec("cusprun", "Cus-Prun: remove units irrelevant (lowest impact) for every expert dimension",
                    "cusprun", "uniform", head_tier_reduce="max", head_policy="ffn_first", reconstruct="sequential"),
         MethodSpec("wanda-sp", "structured Wanda: |W| x input norm per unit, same sparsity every layer",
