@@ -98,26 +98,27 @@ def results_name(quick: bool, model_name: str) -> str:
     return f"quality{suffix}.json"
 
 
+def _subset(table: dict, names: list[str], what: str) -> dict:
+    """The entries of `table` named in `names`; an unknown name is one line on stderr and exit 2."""
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(table)}", file=sys.stderr)
+        raise SystemExit(2)
+    return {n: table[n] for n in names}
+
+
 def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | None = None,
         rows_only: list[str] | None = None, ratios: list[float] | None = None) -> dict:
     """`rows_only`: only these rows (e.g. "cusprun[allocation=damage]"), `ratios`: only these ratios."""
     torch.manual_seed(0)
     if only:
-        unknown = [s for s in only if s not in SETTINGS]
-        if unknown:
-            print(f"unknown setting {', '.join(unknown)}; choose from {', '.join(SETTINGS)}", file=sys.stderr)
-            raise SystemExit(2)
-        settings = {s: SETTINGS[s] for s in only}
+        settings = _subset(SETTINGS, only, "setting")
     else:
         settings = {"fr+medical": SETTINGS["fr+medical"]} if quick else SETTINGS
     ratios = ratios or ([0.25] if quick else RATIOS)
     methods = variants(quick)
     if rows_only:
-        unknown = [label for label in rows_only if label not in methods]
-        if unknown:
-            print(f"unknown row {', '.join(unknown)}; choose from {', '.join(methods)}", file=sys.stderr)
-            raise SystemExit(2)
-        methods = {label: methods[label] for label in rows_only}
+        methods = _subset(methods, rows_only, "row")
     # resume: rows already in the results file are kept and not measured again
     path = RESULTS / results_name(quick, model_name)
     old = json.loads(path.read_text()) if path.exists() else {}
