@@ -26,8 +26,7 @@ def off_grid_linears(model) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
-        weight = module.weight.detach().cpu().numpy().T
-        if weight.shape[0] % quant_plan.BLOCK or quant_plan.grid_share(weight) < quant_plan.GRID_SHARE:
+        if quant_plan.off_grid(module.weight.detach().cpu().numpy().T):
             names.append(name)
     return names
 

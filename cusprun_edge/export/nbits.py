@@ -272,6 +272,11 @@ def quantize(weight: np.ndarray, bits: int, kind: str, *, block: int = 32, metho
     q = Quantized(bits, block, k, codes.astype(np.uint8), scales.astype(np.float32),
                   zero_points.astype(np.uint8) if zero_points is not None else None,
                   offsets.astype(np.float32) if offsets is not None else None, int(exact.sum()))
+    return _with_errors(q, weight)
+
+
+def _with_errors(q: Quantized, weight: np.ndarray) -> Quantized:
+    """`q` with its largest and relative rms error against the original weight filled in."""
     diff = q.dequantize().astype(np.float64) - weight
     q.max_abs_error = float(np.abs(diff).max())
     q.rel_rms_error = float(np.sqrt((diff ** 2).mean() / max((weight.astype(np.float64) ** 2).mean(), 1e-30)))
@@ -364,10 +369,7 @@ def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: 
         scales[:, b], zero_points[:, b] = step, z
         codes[:, b, r1 - r0:] = z[:, None]  # padding inputs decode to zero
     q = Quantized(bits, block, k, codes.astype(np.uint8), scales.astype(np.float32), zero_points.astype(np.uint8))
-    diff = q.dequantize().astype(np.float64) - weight
-    q.max_abs_error = float(np.abs(diff).max())
-    q.rel_rms_error = float(np.sqrt((diff ** 2).mean() / max((weight.astype(np.float64) ** 2).mean(), 1e-30)))
-    return q
+    return _with_errors(q, weight)
 
 
 def output_error(weight: np.ndarray, q: Quantized, hessian: np.ndarray) -> float:

@@ -77,6 +77,17 @@ def grid_share(weight: np.ndarray, bits: int = 4, block: int = BLOCK) -> float:
     return float(on.mean()) if on.size else 0.0
 
 
+def exact_share(weight: np.ndarray) -> float:
+    """Share of the weight's blocks the plan can store exactly at 4 bits (the offset form needs whole
+    blocks, so an input size that is not a multiple of BLOCK counts as no grid)."""
+    return grid_share(weight) if weight.shape[0] % BLOCK == 0 else 0.0
+
+
+def off_grid(weight: np.ndarray) -> bool:
+    """Whether the plan re-quantizes this weight at 4 bits instead of transcoding it."""
+    return exact_share(weight) < GRID_SHARE
+
+
 def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, level: int = 0,
               off_grid: tuple[str, str] | None = None, calibrated: set[str] | frozenset = frozenset()) -> dict[str, TensorPlan]:
     """`weights`: MatMul name -> (module path, W [K, N], whether it is the lm_head). Returns MatMul
@@ -91,7 +102,7 @@ def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, 
         if head:
             plan[name] = TensorPlan(8, "none", "rtn", "lm_head / tied embedding at 8 bits (Q8_0 stores exactly)")
             continue
-        share = grid_share(weight) if weight.shape[0] % BLOCK == 0 else 0.0  # offsets need whole blocks
+        share = exact_share(weight)
         if level >= 2:
             plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {INT4_LEVELS[2]}")
         elif share >= GRID_SHARE:
