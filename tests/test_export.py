@@ -392,7 +392,9 @@ def test_smollm2_int4_for_x86_answers_paris(smollm2, tmp_path):
 
     genai_model = og.Model(str(tmp_path / "smollm2"))
     tokenizer = og.Tokenizer(genai_model)
-    messages = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
+    # (not "What is the capital of France?": there fp32's own first token leads by 0.08 nats, "The" over "L",
+    # and int8 activations at accuracy_level 4 move such margins by up to 0.3 from one graph to the next)
+    messages = json.dumps([{"role": "user", "content": "Name the capital of France."}])
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     params = og.GeneratorParams(genai_model)
     params.set_search_options(max_length=len(ids) + 48, do_sample=False)

@@ -9,7 +9,8 @@ Three storage forms ("zero-point kinds"):
   none    w = (k - mid) * scale: symmetric grids (GGUF Q8_0, Q4_0) store exactly, the rest rounds.
   uint8   w = (k - z) * scale with an integer z per block (packed like the weights).
   offset  w = (k - mid) * scale + c, c a float per block, applied as a second, tiny MatMul:
-          y = MatMulNBits(x) + blocksum(x) @ C, blocksum(x) [.., K / block]. An affine grid
+          y = MatMulNBits(x) + blocksum(x) @ C, blocksum(x) [.., K / block] (extra output columns of
+          the same MatMulNBits, see weight_only._replace). An affine grid
           (GGUF Q4_1, every 32-weight sub-block of Q4_K: w = d * q + m) stores exactly this way.
 MatMulNBits also takes float zero points (w = (k - z) * scale, z float), the same arithmetic as
 `offset`, but ONNX Runtime's CPU kernel has no fast path for them: measured 939 us vs 14 us per
