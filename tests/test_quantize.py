@@ -21,8 +21,9 @@ def gguf_weight(kind, k=256, n=48, seed=0) -> np.ndarray:
     return np.ascontiguousarray(quants.dequantize(quants.quantize(rows, kind), kind).T)
 
 
-def run_matmul(weight: np.ndarray, entry, x: np.ndarray) -> np.ndarray:
-    """x @ W through a one-MatMul ONNX graph quantized by `entry`, on ONNX Runtime's CPU provider."""
+def run_matmul(weight: np.ndarray, entry, x: np.ndarray, stored: dict | None = None) -> np.ndarray:
+    """x @ W through a one-MatMul ONNX graph quantized by `entry`, on ONNX Runtime's CPU provider
+    (`stored` receives the quantized graph's initializer types by name)."""
     k, n = weight.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
@@ -32,21 +33,27 @@ def run_matmul(weight: np.ndarray, entry, x: np.ndarray) -> np.ndarray:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     records = weight_only.apply_plan(proto, {"proj": entry}, accuracy_level=0)
     assert {n.op_type for n in proto.graph.node} >= {"MatMulNBits"}
+    if stored is not None:
+        stored.update({i.name: i.data_type for i in proto.graph.initializer})
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x[None]})[0][0], records["proj"]
 
 
 @pytest.mark.parametrize(("kind", "bits", "form"), [(Q.Q4_1, 4, "offset"), (Q.Q4_0, 4, "none"), (Q.Q8_0, 8, "none")])
 def test_gguf_blocks_transcode_exactly(kind, bits, form):
-    weight = gguf_weight(kind)
+    weight = gguf_weight(kind, n=128)  # 1,024 block scales: enough to be stored in fp16
     q = nbits.quantize(weight, bits, form)
     assert q.exact_blocks == q.blocks
     tol = 8 * np.finfo(np.float32).eps * np.abs(weight).max()
     assert q.max_abs_error <= tol
     # through ONNX Runtime: x = identity rows read the stored weight back, row by row
-    got, record = run_matmul(weight, quant_plan.TensorPlan(bits, form, "fit", "test"), np.eye(weight.shape[0], dtype=np.float32))
+    stored = {}
+    got, record = run_matmul(weight, quant_plan.TensorPlan(bits, form, "fit", "test"), np.eye(weight.shape[0], dtype=np.float32),
+                             stored)
     assert record["exact_blocks"] == record["blocks"]
     assert np.abs(got - weight).max() <= tol
+    # GGUF's fp16 block scales come back as fp16 numbers, so the file stores them in half the bytes
+    assert [t for name, t in stored.items() if name.endswith("_scales_fp16")] == [onnx.TensorProto.FLOAT16]
     # and a real input gives x @ W to fp32 rounding
     x = np.random.default_rng(1).standard_normal((5, weight.shape[0])).astype(np.float32)
     got, _ = run_matmul(weight, quant_plan.TensorPlan(bits, form, "fit", "test"), x)

@@ -9,8 +9,7 @@ Three storage forms ("zero-point kinds"):
   none    w = (k - mid) * scale: symmetric grids (GGUF Q8_0, Q4_0) store exactly, the rest rounds.
   uint8   w = (k - z) * scale with an integer z per block (packed like the weights).
   offset  w = (k - mid) * scale + c, c a float per block, applied as a second, tiny MatMul:
-          y = MatMulNBits(x) + blocksum(x) @ C, blocksum(x) [.., K / block] (extra output columns of
-          the same MatMulNBits, see weight_only._replace). An affine grid
+          y = MatMulNBits(x) + blocksum(x) @ C, blocksum(x) [.., K / block]. An affine grid
           (GGUF Q4_1, every 32-weight sub-block of Q4_K: w = d * q + m) stores exactly this way.
 MatMulNBits also takes float zero points (w = (k - z) * scale, z float), the same arithmetic as
 `offset`, but ONNX Runtime's CPU kernel has no fast path for them: measured 939 us vs 14 us per
@@ -217,9 +216,11 @@ def quantize(weight: np.ndarray, bits: int, kind: str, *, block: int = 32, metho
 
     if transcode:
         sym_ok, sym_j, sym_step = symmetric_grid(wb, mid)
+        sym_step = _half_if_exact(sym_step, lambda step: sym_j * step[..., None], wb)
         codes[sym_ok], scales[sym_ok], exact[sym_ok] = sym_j[sym_ok] + mid, sym_step[sym_ok], True
         if kind != "none" and bits == 4:
             aff_ok, aff_j, aff_step, aff_base = affine_grid(wb, levels)
+            aff_step = _half_if_exact(aff_step, lambda step: aff_base[..., None] + aff_j * step[..., None], wb)
             use = aff_ok & ~exact
             if kind == "offset":
                 codes[use], scales[use] = aff_j[use], aff_step[use]
@@ -274,6 +275,16 @@ def quantize(weight: np.ndarray, bits: int, kind: str, *, block: int = 32, metho
                   zero_points.astype(np.uint8) if zero_points is not None else None,
                   offsets.astype(np.float32) if offsets is not None else None, int(exact.sum()))
     return _with_errors(q, weight)
+
+
+def _half_if_exact(step: np.ndarray, rebuild, wb: np.ndarray) -> np.ndarray:
+    """`step` rounded to fp16 in the blocks that `rebuild(step)` still reproduces within the exactness
+    tolerance. GGUF stores its block scales in fp16, so a transcoded step is one up to the dequantizer's fp32
+    rounding; snapped back, the export can store it in half the bytes (weight_only keeps such tensors fp16)."""
+    half = step.astype(np.float16).astype(np.float64)
+    usable = np.isfinite(half) & (half != 0)
+    fits = (np.abs(rebuild(np.where(usable, half, step)) - wb) <= _tolerance(wb)[..., None]).all(-1)
+    return np.where(usable & fits, half, step)
 
 
 def _with_errors(q: Quantized, weight: np.ndarray) -> Quantized:

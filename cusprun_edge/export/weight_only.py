@@ -8,6 +8,10 @@ import numpy as np
 
 from . import nbits
 
+# Float initializers of at least this many values whose every value is an fp16 number are stored in fp16
+# with a Cast (SmolLM2's int4 export: 113.4 -> 98.5 MB; ONNX Runtime folds the Cast when it loads the model).
+HALF_MIN_SIZE = 1024
+
 
 def constant_matmuls(proto) -> dict[str, tuple]:
     """MatMul node name -> (node, weight initializer) for MatMuls whose weight is a 2-D initializer."""
@@ -59,6 +63,7 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
         node, init = matmuls[name]
         groups.setdefault((node.input[0], entry.bits, entry.kind, entry.block, init.dims[0]), []).append(name)
     inits = {i.name: i for i in proto.graph.initializer}
+    block_sums: dict[tuple[str, int], str] = {}  # (input, blocks) -> its per-block sums, computed once
     records = {}
     for names in groups.values():
         entry = plan[names[0]]
@@ -77,7 +82,8 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
             parts.append((weight.shape[1], nbits.pack(q)))
         packed = {key: np.concatenate([p[key] for _, p in parts], axis=1 if key == "offsets" else 0)
                   for key in parts[0][1]}
-        _replace(proto, [matmuls[n][0] for n in names], [n for n, _ in parts], packed, entry, accuracy_level)
+        _replace(proto, [matmuls[n][0] for n in names], [n for n, _ in parts], packed, entry, accuracy_level,
+                 block_sums)
         for name in names:
             weight_init = matmuls[name][1]
             if not any(weight_init.name in n.input for n in proto.graph.node):
@@ -85,27 +91,9 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
     return records
 
 
-def _block_sum_columns(packed: dict, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and scales of `nb` extra output columns that compute the input's per-block sums: column j
-    weighs block j's inputs by exactly 1 (code mid + 1, scale 1) and every other input by 0 (code mid)."""
-    n_blocks = packed["offsets"].shape[0]
-    mid = 1 << (bits - 1)
-    codes = np.full((n_blocks, n_blocks, block), mid, np.uint8)
-    codes[np.arange(n_blocks), np.arange(n_blocks)] = mid + 1
-    if bits == 4:
-        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return codes, np.ones((n_blocks, n_blocks), np.float32)
-
-
-def _replace(proto, nodes, widths, packed, entry, accuracy_level) -> None:
-    """Put MatMulNBits (+ offset correction, + Split when several MatMuls share it) where `nodes` were.
-
-    The offset form's correction is blocksum(x) @ C; the block sums come out of the same MatMulNBits as
-    extra output columns (exact: weights 0 and 1), so the correction costs a Split, a tiny MatMul and an
-    Add instead of also a Reshape and a ReduceSum: 120 fewer nodes per decode step on SmolLM2. (With
-    accuracy_level 4 the sums are of the int8 activations the kernel itself multiplies, so the correction
-    matches its main product.)"""
-    from onnx import helper, numpy_helper
+def _replace(proto, nodes, widths, packed, entry, accuracy_level, block_sums) -> None:
+    """Put MatMulNBits (+ offset correction, + Split when several MatMuls share it) where `nodes` were."""
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
     first = nodes[0]
@@ -114,29 +102,37 @@ def _replace(proto, nodes, widths, packed, entry, accuracy_level) -> None:
     prefix = f"{first.input[1]}_Q{entry.bits}"
 
     def constant(array, suffix):
-        graph.initializer.append(numpy_helper.from_array(array, f"{prefix}{suffix}"))
-        return f"{prefix}{suffix}"
+        name = f"{prefix}{suffix}"
+        if array.dtype == np.float32 and array.size >= HALF_MIN_SIZE and np.array_equal(
+                array.astype(np.float16).astype(np.float32), array):
+            # every value is an fp16 number (GGUF's block scales are): store half the bytes and let ONNX Runtime
+            # fold the Cast when it loads the model, so the kernel still reads fp32 and nothing else changes
+            graph.initializer.append(numpy_helper.from_array(array.astype(np.float16), f"{name}_fp16"))
+            graph.node.insert(0, helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast",
+                                                  to=TensorProto.FLOAT))
+        else:
+            graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
 
-    offsets = "offsets" in packed and "zero_points" not in packed
-    columns = sum(widths)
-    b, scales = packed["B"], packed["scales"]
-    if offsets:
-        extra_b, extra_scales = _block_sum_columns(packed, entry.bits, entry.block)
-        b, scales = np.concatenate([b, extra_b]), np.concatenate([scales, extra_scales])
-    inputs = [x, constant(b, ""), constant(scales, "_scales")]
+    inputs = [x, constant(packed["B"], ""), constant(packed["scales"], "_scales")]
     if "zero_points" in packed:
         inputs.append(constant(packed["zero_points"], "_zero_points"))
     out = first.output[0] if len(nodes) == 1 else f"{name}_packed"
-    main_out = f"{name}_nbits" if offsets else out
+    main_out = f"{name}_nbits" if "offsets" in packed else out
     new = [helper.make_node("MatMulNBits", inputs, [main_out], name=name, domain="com.microsoft", K=k,
-                            N=len(scales), bits=entry.bits, block_size=entry.block, accuracy_level=accuracy_level)]
-    if offsets:
-        parts = constant(np.array([columns, len(scales) - columns], np.int64), "_sums_split")
-        new += [helper.make_node("Split", [main_out, parts], [f"{name}_main", f"{name}_block_sums"],
-                                 name=f"{name}_sums_split", axis=-1),
-                helper.make_node("MatMul", [f"{name}_block_sums", constant(packed["offsets"], "_offsets")],
-                                 [f"{name}_offset"], name=f"{name}_offset"),
-                helper.make_node("Add", [f"{name}_main", f"{name}_offset"], [out], name=f"{name}_plus_offset")]
+                            N=sum(widths), bits=entry.bits, block_size=entry.block, accuracy_level=accuracy_level)]
+    if "offsets" in packed:
+        nb = packed["offsets"].shape[0]
+        if (x, nb) not in block_sums:
+            shape = constant(np.array([0, 0, nb, entry.block], np.int64), "_block_shape")
+            axes = constant(np.array([-1], np.int64), "_block_axes")
+            new[:0] = [helper.make_node("Reshape", [x, shape], [f"{name}_blocks"], name=f"{name}_blocks"),
+                       helper.make_node("ReduceSum", [f"{name}_blocks", axes], [f"{name}_block_sums"],
+                                        name=f"{name}_block_sums", keepdims=0)]
+            block_sums[(x, nb)] = f"{name}_block_sums"
+        offsets = constant(packed["offsets"], "_offsets")
+        new.append(helper.make_node("MatMul", [block_sums[(x, nb)], offsets], [f"{name}_offset"], name=f"{name}_offset"))
+        new.append(helper.make_node("Add", [main_out, f"{name}_offset"], [out], name=f"{name}_plus_offset"))
     if len(nodes) > 1:
         split = constant(np.array(widths, np.int64), "_split")
         new.append(helper.make_node("Split", [out, split], [n.output[0] for n in nodes], name=f"{name}_split", axis=-1))
