@@ -129,7 +129,10 @@ def _precision_label(manifest: dict | None) -> str | None:
     if not manifest:
         return None
     eight_bit = (manifest.get("quantization") or {}).get("eight_bit")
-    return manifest.get("precision") + (f" ({'/'.join(eight_bit['modules'])} at 8 bits)" if eight_bit else "")
+    if not eight_bit:
+        return manifest.get("precision")
+    some = f"{eight_bit['matmuls']} of {eight_bit['of']} " if eight_bit.get("of", 0) > eight_bit["matmuls"] else ""
+    return f"{manifest.get('precision')} ({some}{'/'.join(eight_bit['modules'])} at 8 bits)"
 
 
 def _model_side(build: dict, side: str, label: str) -> dict:

@@ -424,9 +424,13 @@ def test_smollm2_passes_the_shipped_limits(smollm2, tmp_path, precision, target)
 
 
 def test_int4_falls_back_along_the_plan_and_refuses_what_still_fails(tmp_path):
-    """A model whose 4-bit weights fail the gate gets its off-grid weights at 8 bits (and says why); the
-    gate refuses a model even the last level cannot keep, leaving nothing behind."""
+    """A model whose 4-bit weights fail the gate gets the off-grid weights with the largest errors at 8 bits,
+    then all of them (and says why); the gate refuses a model even the last level cannot keep, leaving
+    nothing behind."""
     import onnx
+
+    from cusprun_edge.export import quant_plan
+    from cusprun_edge.export.quant_plan import INT4_LEVELS
 
     model, tok = pruned("llama")
     plain = export_model(model, tok, "x86-cpu", tmp_path / "plain", precision="int4", thresholds=TINY_QUANTIZED)
@@ -438,19 +442,31 @@ def test_int4_falls_back_along_the_plan_and_refuses_what_still_fails(tmp_path):
     assert down["bits"] == 4 and "no 4-bit grid" in down["why"]  # random weights: re-quantized
     assert plain["parity"]["int4"]["held_out"]["positions"] > 100
     plain_rms = plain["parity"]["int4"]["rel_rms"]
+    # first fallback: only the quarter of the re-quantized weights with the largest errors go to 8 bits
     limit = {"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": plain_rms * 0.9}}
+    worst = export_model(model, tok, "x86-cpu", tmp_path / "worst", precision="int4", thresholds=limit)
+    q = worst["quantization"]
+    assert q["level"] == 1 and q["eight_bit"]["matmuls"] == 4  # a quarter of 15, rounded up
+    eight = {path for path, t in q["plan"]["tensors"].items() if t["bits"] == 8 and "lm_head" not in path}
+    assert eight == quant_plan.worst_off_grid(plain["quantization"])
+    errors = {path: t["rel_rms_error"] for path, t in plain["quantization"]["plan"]["tensors"].items() if path != "lm_head"}
+    assert min(errors[p] for p in eight) >= max(e for p, e in errors.items() if p not in eight)
+    assert "failed parity" in q["fallback"] and q["fallback"] in worst["notes"]
+    level1_rms = worst["parity"]["int4"]["rel_rms"]
+    assert worst["parity"]["int4"]["passed"] and level1_rms < plain_rms * 0.9
+    # then every re-quantized weight
+    limit = {"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": level1_rms * 0.9}}
     mixed = export_model(model, tok, "x86-cpu", tmp_path / "mixed", precision="int4", thresholds=limit)
     q = mixed["quantization"]
-    assert q["level"] == 1 and q["eight_bit"]["matmuls"] == 3 * 5  # qkv, o, gate, up, down of 3 layers
-    assert "failed parity" in q["fallback"] and q["fallback"] in mixed["notes"]
-    assert mixed["parity"]["int4"]["passed"] and mixed["parity"]["int4"]["rel_rms"] < plain_rms * 0.9
+    assert q["level"] == 2 and q["eight_bit"]["matmuls"] == 3 * 5  # qkv, o, gate, up, down of 3 layers
+    assert mixed["parity"]["int4"]["passed"] and mixed["parity"]["int4"]["failed_levels"][1].startswith(INT4_LEVELS[1])
     graph = onnx.load(str(tmp_path / "mixed" / "model.onnx"), load_external_data=False).graph
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
     assert bits.count(8) == 13 and bits.count(4) == 0  # qkv, o, gate+up (one node), down of 3 layers; lm_head
     with pytest.raises(UserError, match=r"failed parity \(int4\).*try --precision int8"):
         export_model(model, tok, "x86-cpu", tmp_path / "never", precision="int4",
                      thresholds={"int4": {**TINY_QUANTIZED["int4"], "max_rel_rms": 1e-6}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "plain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "plain", "worst"]
 
 
 def test_int4_gate_refuses_an_artifact_below_its_held_out_limits(tmp_path):

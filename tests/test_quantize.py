@@ -87,8 +87,12 @@ def test_broken_blocks_are_requantized_not_transcoded():
     q = nbits.quantize(broken, 4, plan["a"].kind, method=plan["a"].method)
     assert q.exact_blocks < q.blocks * 0.05
     assert 0.01 < q.rel_rms_error < 0.12  # rounded once more, to a 4-bit grid of its own
-    fallback = quant_plan.make_plan({"a": ("model.layers.0.mlp.down_proj", broken, False)}, "int4", level=1)
-    assert fallback["a"].bits == 8
+    weights = {"a": ("model.layers.0.mlp.down_proj", broken, False), "d": ("model.layers.1.mlp.down_proj", broken, False)}
+    # level 1: only the weights named as the worst go to 8 bits; level 2: every off-grid weight
+    worst = quant_plan.make_plan(weights, "int4", level=1, worst={"model.layers.1.mlp.down_proj"})
+    assert (worst["a"].bits, worst["d"].bits) == (4, 8)
+    fallback = quant_plan.make_plan(weights, "int4", level=2)
+    assert fallback["a"].bits == fallback["d"].bits == 8
 
 
 def test_least_squares_fit_beats_min_max_rounding_on_off_grid_weights():

@@ -32,7 +32,7 @@ from .package import (
 )
 from .passes import save_onnx
 from .precision import convert_precision
-from .quant_plan import INT4_LEVELS
+from .quant_plan import INT4_LEVELS, worst_off_grid
 from .trace import export_onnx
 
 StepCallback = Callable[[str], None]
@@ -236,12 +236,16 @@ def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_refere
     falls back along quant_plan.INT4_LEVELS (more weights at 8 bits) and says why; one that still fails
     is refused (UserError: the model itself does not survive this precision)."""
     levels = range(len(INT4_LEVELS)) if precision == "int4" else [0]
-    failures = []
+    failures, worst, quantization = [], frozenset(), None
     for level in levels:
+        if level == 1:
+            worst = worst_off_grid(quantization)  # ranked by what level 0 measured
+            if not worst:
+                continue  # nothing re-quantized at 4 bits: level 1 would be level 0 again
         step(f"quantize {precision}" + (f" (fallback {level})" if level else ""))
         t = time.perf_counter()
         quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, level=level,
-                                         accuracy_level=profile.accuracy_level, grams=grams)
+                                         accuracy_level=profile.accuracy_level, grams=grams, worst=worst)
         timings[f"convert_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
         step(f"parity {precision}")
         t = time.perf_counter()

@@ -18,12 +18,14 @@ FP16_KEEP_FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Softmax
 
 
 def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, accuracy_level: int = 4,
-                      off_grid: tuple[str, str] | None = None, grams: dict | None = None) -> dict | None:
+                      off_grid: tuple[str, str] | None = None, grams: dict | None = None,
+                      worst: set[str] | frozenset = frozenset()) -> dict | None:
     """Write the `precision` version of the fp32 graph at `src` to `dst`; return what was done.
 
     int4/int8: `level` is the fallback level of quant_plan.INT4_LEVELS, `accuracy_level` MatMulNBits'
     (0: fp32 arithmetic, 4: int8 activations in the CPU kernel), `off_grid` overrides quant_plan.OFF_GRID,
-    `grams` (module name -> input statistics, export/calibration.py) lets off-grid weights be quantized GPTQ-style."""
+    `grams` (module name -> input statistics, export/calibration.py) lets off-grid weights be quantized GPTQ-style;
+    `worst` are the module paths level 1 keeps at 8 bits."""
     import onnx
 
     if precision == "fp32":
@@ -34,7 +36,7 @@ def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, a
         (dst.parent / name).unlink(missing_ok=True)  # onnx appends external data to an existing file
     proto = onnx.load(str(src))  # weights in memory
     if precision in ("int4", "int8"):
-        record = _weight_only(proto, precision, level, accuracy_level, off_grid, grams or {})
+        record = _weight_only(proto, precision, level, accuracy_level, off_grid, grams or {}, worst)
     elif precision == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -54,7 +56,7 @@ def convert_precision(src: Path, dst: Path, precision: str, *, level: int = 0, a
     return record
 
 
-def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_grid, grams: dict) -> dict:
+def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_grid, grams: dict, worst) -> dict:
     from onnx import numpy_helper
 
     from .calibration import gram_for
@@ -67,7 +69,7 @@ def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_gri
         head = init.name.endswith(".transposed") or "lm_head" in path  # a tied lm_head is the transposed embedding
         weights[name] = (path, numpy_helper.to_array(init), head)
     by_matmul = {name: g for name, (path, _, _) in weights.items() if (g := gram_for(grams, path)) is not None}
-    plan = quant_plan.make_plan(weights, precision, level, off_grid, calibrated=set(by_matmul))
+    plan = quant_plan.make_plan(weights, precision, level, off_grid, calibrated=set(by_matmul), worst=worst)
     del weights
     records = weight_only.apply_plan(proto, plan, accuracy_level, grams=by_matmul)
     shared = weight_only.share_embedding_with_lm_head(proto)
@@ -82,5 +84,6 @@ def _weight_only(proto, precision: str, level: int, accuracy_level: int, off_gri
     wider = [n for n, e in plan.items() if e.bits == 8 and "lm_head" not in e.why]
     if precision == "int4" and wider:
         modules = sorted({paths.get(n, n).rsplit(".", 1)[-1] for n in wider})
-        record["eight_bit"] = {"modules": modules, "matmuls": len(wider)}
+        alike = [n for n in plan if paths.get(n, n).rsplit(".", 1)[-1] in modules]
+        record["eight_bit"] = {"modules": modules, "matmuls": len(wider), "of": len(alike)}
     return record

@@ -24,8 +24,8 @@ builder.json):
     builder's 86.5), the same arithmetic. (Computing the block sums as extra output columns of the same
     MatMulNBits, 120 fewer nodes, did not measurably change 2-thread decode and added 1.9 MB.)
   - Weights with no grid (down_proj whose input columns were pruned, refitted weights, fp16 sources)
-    are re-quantized to 4 bits first (OFF_GRID), at 8 bits when the gate refuses that (level 1). On the
-    25% en+general expert (fp32 ppl 43.37): 4-bit integer zero point ppl 47.32, KL 0.099, top-1 0.81,
+    are re-quantized to 4 bits first (OFF_GRID), at 8 bits when the gate refuses that (level 1: the
+    quarter with the largest errors; level 2: all of them). On the 25% en+general expert (fp32 ppl 43.37): 4-bit integer zero point ppl 47.32, KL 0.099, top-1 0.81,
     which the gate refuses; at 8 bits ppl 43.51, KL 0.0039, top-1 0.96 (files 100 MB; plain int4 69 MB,
     ppl 60.7). The 35% expert took the same path. (The offset form would fit them better, but needs
     whole blocks: pruned widths are rarely multiples of 32.)
@@ -56,9 +56,22 @@ CALIBRATED = ("uint8", "gptq")
 # Fallback levels of an int4 export, in order; the gate tries the next when one fails.
 INT4_LEVELS = (
     "int4: lm_head 8-bit, grid weights exact, off-grid weights 4-bit",
+    "int4 + the quarter of off-grid weights with the largest quantization error at 8 bits",
     "int4 + off-grid weights at 8 bits",
     "int4 + every projection at 8 bits",
 )
+# Level 1's share: a pruned expert's 4-bit down_proj on the gate's edge usually needs only its worst few at
+# 8 bits, and keeps most of the speed of 4 bits (the 25% en+general expert: 1.24x dense decode fully 4-bit,
+# 1.11x with every down_proj at 8 bits).
+WORST_SHARE = 0.25
+
+
+def worst_off_grid(record: dict) -> set[str]:
+    """Module paths of the WORST_SHARE of the 4-bit re-quantized weights in a level-0 quantization record with
+    the largest error: on calibration inputs where measured (GPTQ-style), else of the weight itself."""
+    tensors = {path: t for path, t in record["plan"]["tensors"].items() if t["bits"] == 4 and t["kind"] != "offset"}
+    ranked = sorted(tensors, key=lambda p: tensors[p].get("output_error", tensors[p]["rel_rms_error"]), reverse=True)
+    return set(ranked[:int(np.ceil(WORST_SHARE * len(ranked)))])
 
 
 @dataclass
@@ -99,10 +112,12 @@ def off_grid(weight: np.ndarray) -> bool:
 
 
 def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, level: int = 0,
-              off_grid: tuple[str, str] | None = None, calibrated: set[str] | frozenset = frozenset()) -> dict[str, TensorPlan]:
+              off_grid: tuple[str, str] | None = None, calibrated: set[str] | frozenset = frozenset(),
+              worst: set[str] | frozenset = frozenset()) -> dict[str, TensorPlan]:
     """`weights`: MatMul name -> (module path, W [K, N], whether it is the lm_head). Returns MatMul
     name -> TensorPlan. `off_grid` overrides OFF_GRID; MatMuls in `calibrated` have calibration
-    statistics, and their off-grid weights are quantized by CALIBRATED (GPTQ-style) unless `off_grid` is given."""
+    statistics, and their off-grid weights are quantized by CALIBRATED (GPTQ-style) unless `off_grid` is given.
+    `worst`: module paths that level 1 stores at 8 bits (worst_off_grid of the level-0 record)."""
     plan = {}
     for name, (path, weight, head) in weights.items():
         grid_off = off_grid or (CALIBRATED if name in calibrated else OFF_GRID)
@@ -113,12 +128,13 @@ def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, 
             plan[name] = TensorPlan(8, "none", "rtn", "lm_head / tied embedding at 8 bits (Q8_0 stores exactly)")
             continue
         share = exact_share(weight)
-        if level >= 2:
-            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {INT4_LEVELS[2]}")
+        if level >= 3:
+            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {INT4_LEVELS[3]}")
         elif share >= GRID_SHARE:
             plan[name] = TensorPlan(4, "offset", "fit", f"{share:.0%} of blocks on a 4-bit grid: stored exactly")
-        elif level >= 1:
-            plan[name] = TensorPlan(8, "none", "rtn", f"no 4-bit grid ({share:.0%} of blocks); fallback: 8 bits")
+        elif level >= 2 or (level == 1 and path in worst):
+            plan[name] = TensorPlan(8, "none", "rtn", f"no 4-bit grid ({share:.0%} of blocks); fallback: 8 bits"
+                                    + (" (among the largest errors at 4 bits)" if level == 1 else ""))
         else:
             kind = grid_off[0] if grid_off[0] != "offset" or weight.shape[0] % BLOCK == 0 else "uint8"
             plan[name] = TensorPlan(4, kind, grid_off[1], f"no 4-bit grid ({share:.0%} of blocks): {grid_off[1]} "
