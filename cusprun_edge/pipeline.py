@@ -260,10 +260,12 @@ def _run_stages(ctx: BuildContext, on_stage) -> dict:
     out, records = ctx.out, {}
     for stage in STAGES:
         fp = stage.fingerprint(ctx)
-        ctx.fingerprints[stage.name] = fp
         final = ctx.stage_dir(stage.name)
         if _finished(ctx, stage, fp):
             records[stage.name] = json.loads((final / "stage.json").read_text())
+            # the stages after it see this run of it, not only its config: one that ran again (its directory
+            # deleted, e.g. to re-measure speed on a quiet machine) runs the stages that read its results again
+            ctx.fingerprints[stage.name] = f"{fp}@{records[stage.name].get('finished')}"
             if on_stage:
                 on_stage(stage.name, "skipped (unchanged)")
             continue
@@ -282,7 +284,9 @@ def _run_stages(ctx: BuildContext, on_stage) -> dict:
             raise
         finally:
             ctx.progress.end()
-        record = {"stage": stage.name, "fingerprint": fp, "seconds": round(time.time() - t0, 2), "result": result}
+        record = {"stage": stage.name, "fingerprint": fp, "seconds": round(time.time() - t0, 2),
+                  "finished": time.time(), "result": result}
+        ctx.fingerprints[stage.name] = f"{fp}@{record['finished']}"
         (work / "stage.json").write_text(json.dumps(record, indent=2, default=str))
         if final.exists():
             shutil.rmtree(final)

@@ -30,6 +30,13 @@ def weight_bytes_per_token(model_path: Path | str) -> dict:
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    # A Cast of an initializer (scales stored in fp16) is folded when ONNX Runtime loads the model: what the
+    # kernels read is its output, in the Cast's type.
+    for node in graph.node:
+        if node.op_type == "Cast" and node.input[0] in inits:
+            folded = onnx.TensorProto(name=node.output[0], data_type=next(a.i for a in node.attribute if a.name == "to"))
+            folded.dims.extend(inits.pop(node.input[0]).dims)
+            inits[node.output[0]] = folded
     consumers: dict[str, list[tuple[str, int]]] = {}
     for node in graph.node:
         for pos, name in enumerate(node.input):

@@ -53,6 +53,13 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
     assert [n for n, s in seen if s == "skipped"] == ["load", "score"]
     assert [n for n, s in seen if s == "done"] == ["prune", "export", "validate", "bench", "generate", "report"]
 
+    # a stage run again (its directory deleted: new speed figures) re-runs the stages that read it
+    shutil.rmtree(out / "bench")
+    seen.clear()
+    pipeline.build(_config(tiny_artifacts["dense_hf"], 0.5), out,
+                   on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
+    assert [n for n, s in seen if s == "done"] == ["bench", "report"]
+
 
 def test_changed_stage_code_reruns_it_and_the_stages_after(tiny_builds, tiny_artifacts, tmp_path):  # noqa: F811
     """A copy of the package with one edited module (bench.py) resumes a finished build: bench and the

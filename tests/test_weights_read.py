@@ -23,6 +23,18 @@ def test_gather_tables_cost_one_row_and_matmuls_cost_everything(tmp_path):
     assert got["per_token_bytes"] == (8 + 8 * 4) * 4
 
 
+def test_a_weight_stored_in_fp16_and_cast_at_load_is_read_in_fp32(tmp_path):
+    """ONNX Runtime folds Cast(initializer) when it loads the model: the kernel reads the fp32 result."""
+    weight = numpy_helper.from_array(np.zeros((8, 4), np.float16), "w_fp16")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w_fp16"], ["w"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    got = weight_bytes_per_token(tmp_path / "m.onnx")
+    assert got["per_token_bytes"] == got["weights_bytes"] == 8 * 4 * 4 and got["by_op"] == {"MatMul": 8 * 4 * 4}
+
+
 def test_pruned_and_quantized_artifacts_read_less(tmp_path):
     dense, tok = tiny_model("llama")
     expert, _ = pruned("llama")
