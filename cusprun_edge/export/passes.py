@@ -1,6 +1,6 @@
 """Graph passes on the traced decoder: GenAI's dimension names, ONNX Runtime's fused ops (RMSNorm and
-residual + RMSNorm, GroupQueryAttention fed without reshapes, one packed q/k/v projection), lowering to opset 17, saving
-with external data, and the fp16 conversion's clean-ups."""
+residual + RMSNorm, GroupQueryAttention fed without reshapes, one packed q/k/v projection), lowering to
+opset 17, saving with external data, and the fp16 conversion's clean-ups."""
 
 from __future__ import annotations
 

@@ -18,21 +18,22 @@ builder.json):
     weight rounded a second time) ppl 32.84, KL 0.41, top-1 0.62, and integer zero points (least-squares
     fit) hardly better: ppl 32.13, KL 0.31, top-1 0.69; even GPTQ-style on en+general calibration documents
     (PyTorch, held-apart tune text) +9.2% ppl, top-1 0.82, and on o/down alone +1.2%, top-1 0.91. The price:
-    0.76x the GenAI builder's decode speed (2 threads; the bytes read per token are 1.32x: an fp32 scale and
+    0.72x the GenAI builder's decode speed (2 threads; the bytes read per token are 1.32x: an fp32 scale and
     offset per block of 32, the 8-bit lm_head). Scales and offsets that are fp16 numbers (GGUF's are) are
     stored in fp16 and cast back when ONNX Runtime loads the model: files 98.5 MB instead of 113.4 (the
     builder's 86.5), the same arithmetic. (Computing the block sums as extra output columns of the same
     MatMulNBits, 120 fewer nodes, did not measurably change 2-thread decode and added 1.9 MB.)
   - Weights with no grid (down_proj whose input columns were pruned, refitted weights, fp16 sources)
     are re-quantized to 4 bits first (OFF_GRID), at 8 bits when the gate refuses that (level 1: the
-    quarter with the largest errors; level 2: all of them). On the 25% en+general expert (fp32 ppl 43.37): 4-bit integer zero point ppl 47.32, KL 0.099, top-1 0.81,
-    which the gate refuses; at 8 bits ppl 43.51, KL 0.0039, top-1 0.96 (files 100 MB; plain int4 69 MB,
+    quarter with the largest errors; level 2: all of them). On the 25% en+general expert (fp32 ppl
+    43.37): 4-bit integer zero point ppl 47.32, KL 0.099, top-1 0.81, which the gate refuses; at 8 bits ppl 43.51, KL 0.0039, top-1 0.96 (files 100 MB; plain int4 69 MB,
     ppl 60.7). The 35% expert took the same path. (The offset form would fit them better, but needs
     whole blocks: pruned widths are rarely multiples of 32.)
   - With calibration documents (build passes the expert's), off-grid weights are quantized GPTQ-style
     instead (CALIBRATED; export/calibration.py, nbits.quantize_gptq). Same 25% expert, level 0, held-out
-    text: top-1 0.902, KL 0.026 (weight-only fit: 0.806, 0.102), so that expert ships entirely at 4 bits
-    (91.6 MB; its fp32 perplexity +2.4%).
+    text: top-1 0.902, KL 0.026 (weight-only fit: 0.806, 0.102): on the gate's edge under int8 activations
+    (0.895-0.902 across builds), so that expert ships at 4 bits or, through level 1, with 8 of its 30
+    down_proj at 8 bits (top-1 0.915). The 35% and 45% experts passed at 4 bits (top-1 0.901, 0.905).
 """
 
 from __future__ import annotations
