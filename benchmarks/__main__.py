@@ -1,5 +1,5 @@
 """`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
-results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder."""
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders."""
 
 import argparse
 import os
@@ -18,12 +18,29 @@ def main() -> None:
 
         builder.main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["prune-cost"]:  # the prune stage's time and memory (benchmarks/prune_cost.py)
+        from . import prune_cost
+
+        p = argparse.ArgumentParser(prog="python -m benchmarks prune-cost")
+        p.add_argument("--model", default=quality.DEFAULT_MODEL)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--note", default="")
+        a = p.parse_args(sys.argv[2:])
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        prune_cost.run(a.model, a.device, a.note)
+        return
+    if sys.argv[1:2] == ["merge"]:  # folders of runs side by side (benchmarks/gpu_run.sh) into results/
+        from . import merge
+
+        merge.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("which", nargs="?", default="all", choices=["quality", "frontier", "speed", "defaults", "all"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one setting, one ratio, cusprun with and "
                         "without reconstruction and wanda-sp; one frontier point; no speed table")
     parser.add_argument("--model", default=quality.DEFAULT_MODEL, help="quality and frontier: the model to prune")
-    parser.add_argument("--settings", default="", help="quality and frontier: comma-separated subset of "
+    parser.add_argument("--device", default="cpu", help="quality and defaults: where the model runs (cpu, cuda)")
+    parser.add_argument("--settings", default="", help="quality, frontier and defaults: comma-separated subset of "
                         + ", ".join(quality.SETTINGS))
     parser.add_argument("--ratios", default="", help="quality, frontier and defaults: comma-separated "
                         "ratios (default: each part's own)")
@@ -41,11 +58,12 @@ def main() -> None:
         quality.run(quick=args.quick, model_name=args.model,
                     only=[x for x in args.settings.split(",") if x] or None,
                     rows_only=[x for x in args.rows.split(";") if x] or None,
-                    ratios=[float(x) for x in args.ratios.split(",") if x] or None)
+                    ratios=[float(x) for x in args.ratios.split(",") if x] or None, device=args.device)
     if args.which == "defaults":  # how cusprun's defaults were chosen (held-apart documents; not in `all`)
         from . import defaults
 
-        defaults.run(ratios=[float(x) for x in args.ratios.split(",") if x] or None, model_name=args.model)
+        defaults.run(ratios=[float(x) for x in args.ratios.split(",") if x] or None, model_name=args.model,
+                     only=[x for x in args.settings.split(",") if x] or None, device=args.device)
     if args.which == "frontier" and args.respeed:
         from . import frontier
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# CUSPRUN_BENCH_RESULTS: another folder for the results (runs side by side, each in its own folder, are merged
+# into results/ afterwards)
+RESULTS = Path(os.environ.get("CUSPRUN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

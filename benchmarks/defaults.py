@@ -2,8 +2,8 @@
 (`Corpus.tune`), never on the eval split.
 
 For each expert setting and ratio, cusprun is pruned (with its default reconstruction) under the default
-recipe and under each alternative that changes one field: the head policy, the allocation (global ranking,
-budgets from measured damage), Cus-Prun's tau and aggregation. The figure compared is the perplexity of the
+recipe and under each alternative that changes one field: the head policy, the allocation (uniform budgets,
+global ranking), the damage budgets' power, Cus-Prun's tau and aggregation. The figure compared is the perplexity of the
 held-apart documents of the expert as it would ship (refitted or not, whichever the refit pass kept). A field's
 default changes only if an alternative lowers the geometric mean of that perplexity over the three settings.
 `python -m benchmarks defaults [--ratios 0.35]` resumes where it stopped (results/defaults.json).
@@ -24,16 +24,16 @@ from cusprun_edge.prune import prune_model
 from cusprun_edge.score import score_model
 
 from .common import RESULTS, machine, write_json
-from .quality import DEFAULT_MODEL, SETTINGS
+from .quality import DEFAULT_MODEL, SETTINGS, device_name
 
 RATIOS = [0.35]
 # label -> recipe overrides of cusprun (the default recipe first)
 CANDIDATES = {
     "default": {},
     "head_policy=fraction": {"head_policy": "fraction"},
+    "allocation=uniform": {"allocation": "uniform"},
     "allocation=global": {"allocation": "global"},
-    "allocation=damage": {"allocation": "damage"},
-    "allocation=damage,damage_power=1": {"allocation": "damage", "damage_power": 1.0},
+    "damage_power=0.5": {"damage_power": 0.5},
     "tau=1.0": {"tau": 1.0},
     "aggregate=mean": {"aggregate": "mean"},
 }
@@ -46,13 +46,16 @@ def _tune_ppl(rec: dict) -> float:
     return tried["per-layer ridge"] if rec["reconstruction"].get("mode") != "none" else tried["none"]
 
 
-def run(ratios: list[float] | None = None, model_name: str = DEFAULT_MODEL) -> dict:
+def run(ratios: list[float] | None = None, model_name: str = DEFAULT_MODEL, only: list[str] | None = None,
+        device: str = "cpu") -> dict:
+    """`only`: these settings (default: all three); `device`: where the model runs."""
     ratios = ratios or RATIOS
+    settings = [s for s in SETTINGS if not only or s in only]
     path = RESULTS / NAME
     old = json.loads(path.read_text()) if path.exists() else {}
     rows = old.get("rows", []) if old.get("model") == model_name else []
     done = {(r["setting"], r["ratio"], r["candidate"]) for r in rows}
-    todo = [(s, r, c) for r in ratios for s in SETTINGS for c in CANDIDATES if (s, r, c) not in done]
+    todo = [(s, r, c) for r in ratios for s in settings for c in CANDIDATES if (s, r, c) not in done]
     payload = {"benchmark": "defaults", "model": model_name, "machine": machine(), "rows": rows,
                "judged_on": "held-apart calibration documents (Corpus.tune); the eval split is not read"}
     if not todo:
@@ -60,7 +63,8 @@ def run(ratios: list[float] | None = None, model_name: str = DEFAULT_MODEL) -> d
         return payload
     torch.manual_seed(0)
     model, tok = load_model(model_name)
-    needed = {n for s in SETTINGS.values() for n in ExpertSpec.parse(s).corpora()}
+    model.to(device)
+    needed = {n for s in settings for n in ExpertSpec.parse(SETTINGS[s]).corpora()}
     corpora = {k: v for k, v in all_builtin_corpora().items() if k in needed}
     scores = score_model(model, tok, corpora, show_progress=False)
     for setting, ratio, label in todo:
@@ -71,7 +75,8 @@ def run(ratios: list[float] | None = None, model_name: str = DEFAULT_MODEL) -> d
                           corpora={n: corpora[n] for n in names})
         row = {"setting": setting, "ratio": ratio, "candidate": label, "options": CANDIDATES[label],
                "tune_ppl": _tune_ppl(rec), "refit": rec["reconstruction"].get("mode"),
-               "achieved_ratio": round(rec["achieved_ratio"], 4), "seconds": round(time.time() - t, 1)}
+               "achieved_ratio": round(rec["achieved_ratio"], 4), "seconds": round(time.time() - t, 1),
+               "device": device_name(device)}
         if "layer_damage" in rec:
             row["layer_damage"] = rec["layer_damage"]
         rows.append(row)

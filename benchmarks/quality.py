@@ -40,8 +40,10 @@ ABLATIONS = {
     "wanda-sp[head_policy=ffn_first]": ("wanda-sp", {"head_policy": "ffn_first"}),
     # statistics from the dense model in one pass instead of the pruned earlier layers (sequential)
     "cusprun[reconstruct=one-shot]": ("cusprun", {"reconstruct": "one-shot"}),
-    # budgets that follow each layer's measured output damage instead of the same share everywhere
-    "cusprun[allocation=damage]": ("cusprun", {"allocation": "damage"}),
+    # the same share of every layer instead of budgets that follow each layer's measured output damage
+    "cusprun[allocation=uniform]": ("cusprun", {"allocation": "uniform"}),
+    # damage budgets that follow the damage less steeply (the default before the defaults table chose 1)
+    "cusprun[damage_power=0.5]": ("cusprun", {"damage_power": 0.5}),
 }
 
 
@@ -79,7 +81,7 @@ def _eval_sets(spec: ExpertSpec):
 
 
 def _measure(model, tok, texts, mc, general) -> dict:
-    fn = torch_logits_fn(model)
+    fn = torch_logits_fn(model, on_device=True)
     # logits are [batch, tokens, vocab] in fp32: Gemma's 262k vocabulary needs smaller batches than SmolLM2's 49k
     batch = max(1, int(8 * 49152 / model.config.vocab_size))
     out = {"expert_ppl": perplexity(fn, tok, texts, batch_size=batch),
@@ -107,9 +109,17 @@ def _subset(table: dict, names: list[str], what: str) -> dict:
     return {n: table[n] for n in names}
 
 
+def device_name(device: str) -> str:
+    """What a row was measured on: "cpu", or the accelerator's name (results from both can share a table)."""
+    if torch.device(device).type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | None = None,
-        rows_only: list[str] | None = None, ratios: list[float] | None = None) -> dict:
-    """`rows_only`: only these rows (e.g. "cusprun[allocation=damage]"), `ratios`: only these ratios."""
+        rows_only: list[str] | None = None, ratios: list[float] | None = None, device: str = "cpu") -> dict:
+    """`rows_only`: only these rows (e.g. "cusprun[allocation=uniform]"), `ratios`: only these ratios,
+    `device`: where the whole model runs (scoring, pruning, refit and evaluation)."""
     torch.manual_seed(0)
     if only:
         settings = _subset(SETTINGS, only, "setting")
@@ -130,6 +140,7 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
     if not todo:
         print(f"[quality] every row is already in {path.name}", flush=True)
     model, tok = load_model(model_name)
+    model.to(device)
     t0 = time.time()
     needed = {n for s in settings.values() for n in ExpertSpec.parse(s).corpora()}
     corpora = {k: v for k, v in all_builtin_corpora().items() if k in needed}
@@ -178,6 +189,8 @@ def run(quick: bool = False, model_name: str = DEFAULT_MODEL, only: list[str] | 
             "general_ppl_retention": round(d["general_ppl"] / q["general_ppl"], 4),
             "params": rec["params_after"]["total"], "seconds": round(time.time() - t, 1),
             "prune_seconds": round(prune_seconds, 1), "prune_peak_rss_mb": rec.get("peak_rss_mb"),
+            **({"prune_peak_cuda_mb": rec["peak_cuda_mb"]} if "peak_cuda_mb" in rec else {}),
+            "device": device_name(device), "allocation": rec.get("allocation"),
             "reconstruction": {k: recon.get(k) for k in ("mode", "target", "ridge", "ridge_counts",
                                                           "tried", "note") if k in recon},
             "ffn_widths": structure_of(m).intermediate_sizes,

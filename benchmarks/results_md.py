@@ -58,7 +58,15 @@ def _quality_plot(q: dict, path: Path) -> None:
 def _quality_section(q: dict, plot_name: str) -> list[str]:
     scoring = (f" One scoring pass over the calibration corpora took {q['scoring_seconds']} s."
                if q.get("scoring_seconds") else "")
-    lines = [f"Model: {q['model']}. Machine: {_machine_line(q['machine'])}.{scoring}", ""]
+    machines = q.get("machines") or [q["machine"]]
+    lines = [f"Model: {q['model']}. " + " ".join(f"Machine: {_machine_line(m)}." for m in machines) + scoring, ""]
+    on = defaultdict(int)
+    for r in q["rows"]:
+        on[_device_cell(r)] += 1
+    if len(on) > 1:
+        lines += ["Rows by where they ran (`on` column): " + ", ".join(f"{k} {v}" for k, v in on.items()) + ". "
+                  "Four cells measured on both with the same recipe kept the same structure, and their perplexities "
+                  "and accuracies agree within 1e-5 relative (fp32 arithmetic on both; benchmarks/gpu_run.sh ran the GPU rows).", ""]
     if q.get("partial"):
         lines += [f"**Partial run.** {q['note']}", ""]
     lines.append("Held-out text only (the `eval` parts, never used for scoring). Perplexity: lower is better; "
@@ -73,8 +81,8 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
         lines += [f"### {setting} (`{expert}`)", "",
                   f"Dense: expert ppl {dense['expert_ppl']:.2f}, general ppl ({dense['general_corpus']}) "
                   f"{dense['general_ppl']:.2f}{acc}.", "",
-                  "| ratio | method | achieved | expert ppl | retention | MC acc | general ppl | refit | prune s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| ratio | method | achieved | expert ppl | retention | MC acc | general ppl | refit | prune s | on |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         rows = sorted((r for r in q["rows"] if r["setting"] == setting),
                       key=lambda r: (r["target_ratio"], r["expert_ppl"]))
         for r in rows:
@@ -83,10 +91,16 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
             achieved = "-" if r.get("achieved_ratio") is None else f"{r['achieved_ratio']:.3f}"
             lines.append(f"| {r['target_ratio']:.2f} | {name} | {achieved} | {r['expert_ppl']:.2f} | "
                          f"{r['ppl_retention']:.3f} | {r.get('mc_acc', float('nan')):.3f} | {r['general_ppl']:.2f} | "
-                         f"{_refit_cell(r)} | {r.get('prune_seconds', '-')} |")
+                         f"{_refit_cell(r)} | {r.get('prune_seconds', '-')} | {_device_cell(r)} |")
         lines.append("")
     lines += [f"![retention vs ratio]({plot_name})", ""]
     return lines
+
+
+def _device_cell(r: dict) -> str:
+    """cpu, or the accelerator's name (rows of one table may come from a CPU and a GPU machine)."""
+    d = r.get("device", "cpu")
+    return d[d.index("(") + 1:-1].replace("NVIDIA ", "") if "(" in d else d
 
 
 def _refit_cell(r: dict) -> str:
@@ -234,6 +248,21 @@ def _defaults_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _prune_cost_section(c: dict) -> list[str]:
+    """The prune stage's time and peak memory per model and device (benchmarks/prune_cost.py)."""
+    lines = ["cusprun's default recipe (damage probes, then the sequential refit), en+general at 25%. On cuda the "
+             "model stays on the CPU and one decoder layer at a time visits the GPU.", "",
+             "| model | device | prune s | damage probes s | refit s | peak RSS MB | peak GPU MB | statistics MB | "
+             "machine | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in c["entries"]:
+        m = e["machine"]
+        where = f"{m.get('gpu', m['cpu'])}, {m['date']}"
+        lines.append(f"| {e['model']} | {e['device']} | {e['prune_seconds']} | {e['damage_seconds']} | "
+                     f"{e['refit_seconds']} | {e['peak_rss_mb']} | {e.get('peak_cuda_mb') or '-'} | "
+                     f"{e['statistics_mb']} | {where} | {e.get('note', '')} |")
+    return lines + [""]
+
+
 def write_results_md() -> Path:
     lines = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks`) from `benchmarks/results/*.json`; every figure "
@@ -263,6 +292,9 @@ def write_results_md() -> Path:
     defaults = _load("defaults.json")
     if defaults:
         lines += ["## How cusprun's defaults were chosen", ""] + _defaults_section(defaults)
+    cost = _load("prune_cost.json")
+    if cost:
+        lines += ["## What the prune stage costs", ""] + _prune_cost_section(cost)
     builder = _load("builder.json")
     if builder:
         lines += ["## Our int4 export beside ONNX Runtime GenAI's model builder", ""] + _builder_section(builder)

@@ -19,7 +19,7 @@ import time
 import torch
 
 from . import arch
-from .reconstruct import _forward, _stream_nll, capture_stream
+from .reconstruct import _forward, _stream_nll, capture_stream, visiting
 from .structure import keep_ffn_channels, keep_heads
 
 
@@ -35,7 +35,7 @@ def layer_damage(model, plan, tokenizer, texts: list[str], *, device="cpu", batc
     stream = capture_stream(model, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     inputs = [list(stream.hidden)]  # inputs[i]: the dense stream at layer i's input
     for i, layer in enumerate(layers):
-        inputs.append([_forward(layer, x, k, device) for x, k in zip(inputs[-1], stream.layer_kwargs[i])])
+        inputs.append(_run(layer, inputs[-1], stream.layer_kwargs[i], device))
     dense_nll = _stream_nll(model, inputs[-1], stream, device)
     damage = []
     for i, layer in enumerate(layers):
@@ -52,13 +52,20 @@ def layer_damage(model, plan, tokenizer, texts: list[str], *, device="cpu", batc
             wparts = arch.layer_parts(work, spec)
         if ffn_cut:
             keep_ffn_channels(wparts, plan.ffn_keep[i], spec)
-        xs = [_forward(work, x, k, device) for x, k in zip(inputs[i], stream.layer_kwargs[i])]
+        xs = _run(work, inputs[i], stream.layer_kwargs[i], device)
         for j in range(i + 1, len(layers)):
-            xs = [_forward(layers[j], x, k, device) for x, k in zip(xs, stream.layer_kwargs[j])]
+            xs = _run(layers[j], xs, stream.layer_kwargs[j], device)
         damage.append(_stream_nll(model, xs, stream, device) - dense_nll)
         del work, xs
     return {"damage": [round(d, 5) for d in damage], "dense_nll": round(dense_nll, 5),
             "seconds": round(time.time() - t0, 1), "tokens": stream.n_tokens}
+
+
+def _run(layer, xs: list[torch.Tensor], kwargs: list[dict], device) -> list[torch.Tensor]:
+    """`layer` over every batch on `device`. A layer that lives elsewhere (the model on the CPU, --device cuda)
+    is moved there for the call and back after it, so one layer at a time occupies the accelerator."""
+    with visiting(layer, device):
+        return [_forward(layer, x, k, device) for x, k in zip(xs, kwargs)]
 
 
 def damage_weights(damage: list[float], power: float, cap: float) -> list[float]:

@@ -13,12 +13,15 @@ import torch.nn.functional as F
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def torch_logits_fn(model) -> LogitsFn:
+def torch_logits_fn(model, *, on_device: bool = False) -> LogitsFn:
+    """`on_device`: leave the logits where the model is (perplexity and multiple choice then reduce them there,
+    instead of copying [B, T, V] floats to the CPU); off for callers that compare them with ONNX logits."""
     device = next(model.parameters()).device
 
     @torch.no_grad()
     def fn(ids, mask):
-        return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        return logits if on_device else logits.cpu()
 
     return fn
 
@@ -32,6 +35,7 @@ def _batches(tokenizer, texts, batch_size, max_length):
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL over real tokens, and how many tokens that was."""
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
     target, valid = ids[:, 1:].reshape(-1), mask[:, 1:].bool().reshape(-1)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1])
     loss = F.cross_entropy(flat, target, reduction="none")
@@ -83,12 +87,14 @@ def mc_accuracy(logits_fn: LogitsFn, tokenizer, items: list[dict], *, items_per_
                 prompt_lens.append(n_prompt)
                 owners.append(k)
         ids, mask = _right_padded(tokenizer, texts)
-        logp = torch.log_softmax(logits_fn(ids, mask)[:, :-1].float(), dim=-1)
+        logits = logits_fn(ids, mask)
+        ids, mask = ids.to(logits.device), mask.to(logits.device)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
         option_mask = mask[:, 1:].clone().float()
         for row, n_prompt in enumerate(prompt_lens):
             option_mask[row, : n_prompt - 1] = 0  # score the option's tokens only
-        scores = (tok_lp * option_mask).sum(1) / option_mask.sum(1).clamp(min=1)
+        scores = ((tok_lp * option_mask).sum(1) / option_mask.sum(1).clamp(min=1)).cpu()
         for k, item in enumerate(chunk):
             rows = [i for i, o in enumerate(owners) if o == k]
             correct += int(int(scores[rows].argmax()) == int(item["answer"]))

@@ -90,6 +90,15 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
     before = count_params(model)
     t0 = time.time()
     device = _device(device) if device is not None else next(model.parameters()).device
+    allocation_note = None
+    if spec.allocation == "damage" and not _has_tune(tokenizer, corpora):
+        if "allocation" in (options or {}):
+            raise UserError("allocation=damage needs the tokenizer and held-apart calibration documents "
+                            "(the expert's corpora have none); use --option allocation=uniform")
+        # the recipe's default, not the user's request: budgets fall back to the same share per layer
+        options = {**(options or {}), "allocation": "uniform"}
+        spec = method_with_overrides(method, dict(options))
+        allocation_note = "uniform: no held-apart calibration documents to measure damage on"
     with _peak_memory(device) as memory:
         damage = None
         if spec.allocation == "damage":
@@ -111,6 +120,8 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
         "params_before": before,
         "params_after": after,
         "options": options or {},
+        "allocation": spec.allocation,
+        **({"allocation_note": allocation_note} if allocation_note else {}),
         "reconstruction": recon,
         **({"layer_damage": damage} if damage else {}),
         "seconds": round(time.time() - t0, 2),
@@ -118,12 +129,13 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
     }
 
 
+def _has_tune(tokenizer, corpora) -> bool:
+    return tokenizer is not None and any(c.tune for c in (corpora or {}).values())
+
+
 def _layer_damage(model, scores, corpus_names, method, ratio, options, tokenizer, corpora, device) -> dict:
     """Each layer's output damage under the uniform plan, on the held-apart documents (damage.py)."""
     tune = [t for c in (corpora or {}).values() for t in c.tune]
-    if tokenizer is None or not tune:
-        raise UserError("allocation=damage needs the tokenizer and held-apart calibration documents "
-                        "(the expert's corpora have none)")
     from .damage import layer_damage
 
     uniform = make_plan(model, scores, corpus_names, method, ratio, {**(options or {}), "allocation": "uniform"})

@@ -31,6 +31,7 @@ import copy
 import math
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -342,19 +343,35 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
 
 
 def _stream_nll(model, hidden: list[torch.Tensor], stream: Stream, device) -> float:
-    """Mean next-token NLL of a stream at the last layer's output, through the model's final norm and head."""
+    """Mean next-token NLL of a stream at the last layer's output, through the model's final norm and head
+    (on `device`, like the layers)."""
     spec = arch.spec_for(model)
     norm, head = arch.get(model, spec.final_norm), arch.get(model, spec.lm_head)
-    model_device = next(model.parameters()).device
     cap = getattr(model.config, "final_logit_softcapping", None)
     nll, count = 0.0, 0
-    for h, ids, mask in zip(hidden, stream.ids, stream.masks):
-        logits = head(norm(h.to(model_device))).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        s, n = nll_sum(logits.cpu(), ids, mask.long())
-        nll, count = nll + s, count + n
+    with visiting(norm, device), visiting(head, device):
+        for h, ids, mask in zip(hidden, stream.ids, stream.masks):
+            logits = head(norm(h.to(device))).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            s, n = nll_sum(logits, ids, mask.long())
+            nll, count = nll + s, count + n
     return nll / max(1, count)
+
+
+@contextmanager
+def visiting(module, device):
+    """`module` on `device` for the block and back where it lives after: with the model on the CPU and
+    --device cuda, one part of it at a time occupies the accelerator (a no-op when it is already there)."""
+    param = next(module.parameters(), None)
+    home = param.device if param is not None else None
+    if home is not None and home != torch.device(device):
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if home is not None and home != torch.device(device):
+            module.to(home)
 
 
 # --------------------------------------------------------------------------- choosing the ridge

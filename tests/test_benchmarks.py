@@ -34,10 +34,44 @@ def test_defaults_summary_compares_each_recipe_with_the_default_on_shared_settin
     from benchmarks.defaults import summary
 
     rows = [{"ratio": 0.35, "setting": s, "candidate": c, "tune_ppl": p} for s, c, p in (
-        ("code", "default", 10.0), ("code", "allocation=damage", 9.0), ("fr+medical", "default", 80.0),
-        ("fr+medical", "allocation=damage", 40.0), ("code", "tau=1.0", 11.0))]
+        ("code", "default", 10.0), ("code", "allocation=uniform", 9.0), ("fr+medical", "default", 80.0),
+        ("fr+medical", "allocation=uniform", 40.0), ("code", "tau=1.0", 11.0))]
     out = {r["candidate"]: r for r in summary({"rows": rows})}
-    assert out["allocation=damage"]["vs_default"] == round((0.9 * 0.5) ** 0.5, 4)
+    assert out["allocation=uniform"]["vs_default"] == round((0.9 * 0.5) ** 0.5, 4)
     assert out["tau=1.0"]["vs_default"] == 1.1 and out["tau=1.0"]["settings"] == ["code"]
     assert out["default"]["vs_default"] == 1.0
-    assert [r["candidate"] for r in summary({"rows": rows})][0] == "allocation=damage"
+    assert [r["candidate"] for r in summary({"rows": rows})][0] == "allocation=uniform"
+
+
+def test_merge_adds_the_workers_new_rows_once_and_keeps_one_entry_per_machine(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import merge
+
+    cpu = {"cpu": "EPYC", "date": "2026-11-30 10:00 UTC"}
+    gpu = {"cpu": "Xeon", "gpu": "H200", "date": "2026-11-30 11:00 UTC"}
+
+    def row(method, ppl, device):
+        return {"setting": "code", "method": method, "target_ratio": 0.25, "expert_ppl": ppl, "device": device}
+
+    main = {"model": "m", "machine": cpu, "dense": {}, "rows": [row("flap", 20.0, "cpu")]}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quality.json").write_text(json.dumps(main))
+    workers = []
+    for i, ppl in enumerate((10.0, 11.0)):  # two workers of one machine measured the same new row
+        w = tmp_path / f"w{i}"
+        w.mkdir()
+        part = {"model": "m", "machine": gpu | {"date": f"2026-11-30 11:0{i} UTC"},
+                "rows": main["rows"] + [row("cusprun", ppl, "cuda (H200)")]}
+        (w / "quality.json").write_text(json.dumps(part))
+        (w / "defaults.json").write_text(json.dumps({"machine": gpu, "rows": [
+            {"setting": "code", "ratio": 0.35, "candidate": "default", "tune_ppl": 8.0 + i}]}))
+        workers.append(w)
+    monkeypatch.setattr(merge, "RESULTS", tmp_path / "results")
+    assert merge.merge_quality(workers) == 1
+    out = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert [(r["method"], r["expert_ppl"]) for r in out["rows"]] == [("flap", 20.0), ("cusprun", 10.0)]
+    assert [m["cpu"] for m in out["machines"]] == ["EPYC", "Xeon"] and out["partial"]
+    assert merge.merge_defaults(workers) == 1
+    d = json.loads((tmp_path / "results" / "defaults.json").read_text())
+    assert d["rows"][0]["tune_ppl"] == 8.0 and d["machine"]["cpu"] == "Xeon"

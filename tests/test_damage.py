@@ -48,9 +48,9 @@ def test_damage_allocation_spends_the_same_budget_and_spares_the_most_damaged_la
     scores = score_model(model, tok, CORPORA, show_progress=False)
     uni, dmg = copy.deepcopy(model), copy.deepcopy(model)
     opts = {"reconstruct": "none", "head_policy": "ffn_first"}
-    r_uni = prune_model(uni, scores, ["domain/a"], "cusprun", 0.3, dict(opts))
-    r_dmg = prune_model(dmg, scores, ["domain/a"], "cusprun", 0.3, {**opts, "allocation": "damage"},
-                        tokenizer=tok, corpora=CORPORA)
+    r_uni = prune_model(uni, scores, ["domain/a"], "cusprun", 0.3, {**opts, "allocation": "uniform"})
+    r_dmg = prune_model(dmg, scores, ["domain/a"], "cusprun", 0.3, dict(opts), tokenizer=tok, corpora=CORPORA)
+    assert r_dmg["allocation"] == "damage" and r_uni["allocation"] == "uniform"  # damage: cusprun's default
     assert r_dmg["achieved_ratio"] == pytest.approx(r_uni["achieved_ratio"], abs=0.02)
     damage = r_dmg["layer_damage"]["damage"]
     widths = structure_of(dmg).intermediate_sizes
@@ -69,6 +69,11 @@ def test_damage_weights_and_refusals():
         make_plan(model, scores, ["domain/a"], "cusprun", 0.3, {"allocation": "damage"})
     with pytest.raises(UserError, match="damage_cap must be a number"):
         make_plan(model, scores, ["domain/a"], "cusprun", 0.3, {"allocation": "damage", "damage_cap": 0.5})
+    # cusprun's default budgets need held-apart documents: without them it falls back to uniform, and says so;
+    # asked for by name, damage budgets without them are refused
+    fallback = prune_model(copy.deepcopy(model), scores, ["domain/a"], "cusprun", 0.3, {"reconstruct": "none"},
+                           tokenizer=tok, corpora={"domain/a": Corpus("domain/a", CALIB)})
+    assert fallback["allocation"] == "uniform" and "no held-apart" in fallback["allocation_note"]
     with pytest.raises(UserError, match="held-apart calibration documents"):
         prune_model(model, scores, ["domain/a"], "cusprun", 0.3, {"allocation": "damage", "reconstruct": "none"},
                     tokenizer=tok, corpora={"domain/a": Corpus("domain/a", CALIB)})

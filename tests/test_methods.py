@@ -17,6 +17,8 @@ from cusprun_edge.structure import check_gqa, count_params, structure_of
 
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
 CORPORA = {"domain/a": Corpus("domain/a", TEXT[:12]), "task/b": Corpus("task/b", TEXT[12:24])}
+# cusprun's default budgets follow measured damage (prune_model measures it); plans made here alone are uniform
+UNIFORM = {"allocation": "uniform"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -82,7 +84,7 @@ def test_cusprun_removes_zero_impact_units_first_and_keeps_logits():
     ref = model(IDS).logits
     scores = score_model(model, tok, CORPORA, show_progress=False)
     budget_ratio = 24 * 3 * 96 * len(parts) / count_params(model)["prunable"]
-    plan = make_plan(model, scores, ["domain/a"], "cusprun", budget_ratio)
+    plan = make_plan(model, scores, ["domain/a"], "cusprun", budget_ratio, UNIFORM)
     for i in range(len(parts)):
         removed = set(range(128)) - set(plan.ffn_keep[i].tolist())
         assert removed == set(dead[i].tolist()), i
@@ -99,8 +101,8 @@ def test_cusprun_expert_keeps_units_any_dimension_needs():
     a, b = scores.corpora["domain/a"], scores.corpora["task/b"]
     a.tensors["ffn_impact_rms_doc"][0][:, 5] = 0.0  # channel 5: irrelevant for domain/a ...
     b.tensors["ffn_impact_rms_doc"][0][:, 5] = 1e6  # ... but dominant for task/b
-    only_a = make_plan(model, scores, ["domain/a"], "cusprun", 0.2)
-    both = make_plan(model, scores, ["domain/a", "task/b"], "cusprun", 0.2)
+    only_a = make_plan(model, scores, ["domain/a"], "cusprun", 0.2, UNIFORM)
+    both = make_plan(model, scores, ["domain/a", "task/b"], "cusprun", 0.2, UNIFORM)
     assert 5 not in only_a.ffn_keep[0].tolist()
     assert 5 in both.ffn_keep[0].tolist()
 
@@ -124,7 +126,7 @@ def test_bad_inputs(scored):
     with pytest.raises(UserError, match="unknown method"):
         make_plan(model, scores, ["domain/a"], "obs", 0.2)
     with pytest.raises(UserError, match="no scores for language/zz"):
-        make_plan(model, scores, ["language/zz"], "cusprun", 0.2)
+        make_plan(model, scores, ["language/zz"], "cusprun", 0.2, UNIFORM)
     with pytest.raises(UserError, match="empty"):
         score_model(model, None, {"x": Corpus("x", [])}, show_progress=False)
     assert check_gqa([0], [0], 6, 2) == 1
@@ -142,9 +144,10 @@ def test_head_policy_ffn_first_spends_the_ffn_before_any_head():
         return sum(n_q - len(q) for q in plan.q_keep)
 
     mid = 1.05 / group
-    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid)) == 0
-    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid, {"head_policy": "fraction"})) > 0
-    high = make_plan(model, scores, ["domain/a"], "cusprun", 0.85)
+    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid, UNIFORM)) == 0
+    assert heads_removed(make_plan(model, scores, ["domain/a"], "cusprun", mid,
+                                   {**UNIFORM, "head_policy": "fraction"})) > 0
+    high = make_plan(model, scores, ["domain/a"], "cusprun", 0.85, UNIFORM)
     assert heads_removed(high) > 0
     assert all(len(k) == max(1, math.ceil(MIN_FFN_KEEP * 128)) for k in high.ffn_keep)
     with pytest.raises(UserError, match="head_policy=heads_last is not valid"):
