@@ -200,10 +200,10 @@ def score_wanda_sp(model, corpora, opts) -> list[LayerUnits]:
         x_mlp = pooled(corpora, "mlp_in_sq", i).sqrt()
         x_att = pooled(corpora, "attn_in_sq", i).sqrt()
         o_norm = pooled(corpora, "o_sq", i).sqrt()
-        ffn = (_w(p.down).abs().float() * a_norm).sum(0) + (_w(p.gate).abs().float() * x_mlp).sum(1) \
-            + (_w(p.up).abs().float() * x_mlp).sum(1)
-        o_cols = (_w(p.o).abs().float() * o_norm).sum(0)
-        q_rows = (_w(p.q).abs().float() * x_att).sum(1)
+        ffn = (_w(p.down).abs() * a_norm).sum(0) + (_w(p.gate).abs() * x_mlp).sum(1) \
+            + (_w(p.up).abs() * x_mlp).sum(1)
+        o_cols = (_w(p.o).abs() * o_norm).sum(0)
+        q_rows = (_w(p.q).abs() * x_att).sum(1)
         heads = o_cols.view(-1, hd).sum(1) + q_rows.view(-1, hd).sum(1)
         out.append(LayerUnits(ffn, heads))
     return out
@@ -224,8 +224,8 @@ def score_flap(model, corpora, opts) -> list[LayerUnits]:
     for i, p in enumerate(arch.all_layer_parts(model)):
         _, var_a = _variance(corpora, "ffn", i)
         _, var_o = _variance(corpora, "o", i)
-        ffn = var_a * _w(p.down).float().pow(2).sum(0)
-        heads = (var_o * _w(p.o).float().pow(2).sum(0)).view(-1, hd).sum(1)
+        ffn = var_a * _w(p.down).pow(2).sum(0)
+        heads = (var_o * _w(p.o).pow(2).sum(0)).view(-1, hd).sum(1)
         raw.append(LayerUnits(ffn, heads))
     return [LayerUnits(_standardize(u.ffn), _standardize(u.heads)) for u in raw]
 
@@ -239,8 +239,8 @@ def score_seap(model, corpora, opts) -> list[LayerUnits]:
     n = n_tokens(corpora)
     out = []
     for i, p in enumerate(arch.all_layer_parts(model)):
-        ffn = pooled(corpora, "ffn_abs", i) / n * _w(p.down).float().norm(dim=0)
-        heads = (pooled(corpora, "o_abs", i) / n * _w(p.o).float().norm(dim=0)).view(-1, hd).sum(1)
+        ffn = pooled(corpora, "ffn_abs", i) / n * _w(p.down).norm(dim=0)
+        heads = (pooled(corpora, "o_abs", i) / n * _w(p.o).norm(dim=0)).view(-1, hd).sum(1)
         out.append(LayerUnits(ffn, heads))
     return out
 
@@ -251,7 +251,7 @@ def score_magnitude(model, corpora, opts) -> list[LayerUnits]:
     for p in arch.all_layer_parts(model):
         ffn = _w(p.gate).abs().sum(1) + _w(p.up).abs().sum(1) + _w(p.down).abs().sum(0)
         heads = _w(p.q).abs().sum(1).view(-1, hd).sum(1) + _w(p.o).abs().sum(0).view(-1, hd).sum(1)
-        out.append(LayerUnits(ffn.float(), heads.float()))
+        out.append(LayerUnits(ffn, heads))
     return out
 
 
@@ -486,12 +486,12 @@ def _compensation(model, corpora, plan: Plan):
         mean_a = pooled(corpora, "ffn_sum", i) / n
         gone = torch.ones(p.down.in_features, dtype=torch.bool)
         gone[plan.ffn_keep[i]] = False
-        ffn_bias.append(_w(p.down).float()[:, gone] @ mean_a[gone] if gone.any() else None)
+        ffn_bias.append(_w(p.down)[:, gone] @ mean_a[gone] if gone.any() else None)
         mean_x = pooled(corpora, "o_sum", i) / n
         cols = torch.ones(p.o.in_features, dtype=torch.bool)
         for h in plan.q_keep[i]:
             cols[h * hd:(h + 1) * hd] = False
-        o_bias.append(_w(p.o).float()[:, cols] @ mean_x[cols] if cols.any() else None)
+        o_bias.append(_w(p.o)[:, cols] @ mean_x[cols] if cols.any() else None)
     return ffn_bias, o_bias
 
 

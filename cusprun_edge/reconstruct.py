@@ -365,12 +365,13 @@ def visiting(module, device):
     --device cuda, one part of it at a time occupies the accelerator (a no-op when it is already there)."""
     param = next(module.parameters(), None)
     home = param.device if param is not None else None
-    if home is not None and home != torch.device(device):
+    move = home is not None and home != torch.device(device)
+    if move:
         module.to(device)
     try:
         yield module
     finally:
-        if home is not None and home != torch.device(device):
+        if move:
             module.to(home)
 
 

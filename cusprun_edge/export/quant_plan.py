@@ -32,8 +32,9 @@ builder.json):
   - With calibration documents (build passes the expert's), off-grid weights are quantized GPTQ-style
     instead (CALIBRATED; export/calibration.py, nbits.quantize_gptq). Same 25% expert, level 0, held-out
     text: top-1 0.902, KL 0.026 (weight-only fit: 0.806, 0.102): on the gate's edge under int8 activations
-    (0.895-0.902 across builds), so that expert ships at 4 bits or, through level 1, with 8 of its 30
-    down_proj at 8 bits (top-1 0.915). The 35% and 45% experts passed at 4 bits (top-1 0.901, 0.905).
+    (0.895-0.902 across builds with uniform budgets), so it shipped at 4 bits or, through level 1, with 8 of
+    its 30 down_proj at 8 bits (top-1 0.915). With damage budgets (the default since 2026-12-01) the 25% and
+    35% experts pass at 4 bits (top-1 0.908, 0.909) and the 45% through level 1 (0.914).
 """
 
 from __future__ import annotations
