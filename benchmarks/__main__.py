@@ -1,5 +1,5 @@
 """`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
-results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders."""
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory."""
 
 import argparse
 import os
@@ -28,6 +28,20 @@ def main() -> None:
         a = p.parse_args(sys.argv[2:])
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
         prune_cost.run(a.model, a.device, a.note)
+        return
+    if sys.argv[1:2] == ["mc"]:  # multiple-choice retention item by item, with its standard error (benchmarks/mc.py)
+        from . import mc
+
+        p = argparse.ArgumentParser(prog="python -m benchmarks mc")
+        p.add_argument("--model", default=quality.DEFAULT_MODEL)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--settings", default="", help="comma-separated subset of " + ", ".join(quality.SETTINGS))
+        p.add_argument("--ratios", default="0.25", help="comma-separated target ratios")
+        p.add_argument("--rows", default="cusprun", help="quality rows (methods and ablations), separated by ';'")
+        a = p.parse_args(sys.argv[2:])
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        mc.run(a.model, [s for s in a.settings.split(",") if s], [float(r) for r in a.ratios.split(",")],
+               [r for r in a.rows.split(";") if r], a.device)
         return
     if sys.argv[1:2] == ["merge"]:  # folders of runs side by side (benchmarks/gpu_run.sh) into results/
         from . import merge

@@ -71,7 +71,8 @@ def _quality_section(q: dict, plot_name: str) -> list[str]:
         lines += [f"**Partial run.** {q['note']}", ""]
     lines.append("Held-out text only (the `eval` parts, never used for scoring). Perplexity: lower is better; "
                  "retention = dense ppl / expert ppl (1.0 = no loss). MC: multiple-choice accuracy on the "
-                 "expert's domain/task items (4 options, chance 0.25).")
+                 "expert's domain/task items (4 options, chance 0.25; each category's first 40 items, the 'MC retention, item by item' "
+                 "section below has every item and a standard error).")
     lines.append("")
     for setting, dense in q["dense"].items():
         expert = next((r["expert"] for r in q["rows"] if r["setting"] == setting), None)
@@ -263,6 +264,22 @@ def _prune_cost_section(c: dict) -> list[str]:
     return lines + [""]
 
 
+def _mc_section(m: dict) -> list[str]:
+    """Multiple-choice retention item by item with its standard error (benchmarks/mc.py)."""
+    where = _machine_line(m["machine"])
+    lines = [f"Every held-out multiple-choice item of each setting's domain and task categories; retention = expert "
+             f"accuracy / dense accuracy; SE by a paired bootstrap over items ({m['bootstrap_rounds']:,} resamples). "
+             f"Machine: {where}, on {m['device']}.", "",
+             "| ratio | method | mean retention (SE) | per setting: items, dense acc, expert acc, retention (SE) |",
+             "|---|---|---|---|"]
+    for r in m["rows"]:
+        per = "; ".join(f"{name} {s['items']}, {s['dense_acc']:.3f}, {s['expert_acc']:.3f}, {s['retention']:.3f} "
+                        f"({s['retention_se']:.3f})" for name, s in r["settings"].items())
+        lines.append(f"| {r['target_ratio']:.2f} | {r['method']} | {r['mean_retention']:.3f} "
+                     f"({r['mean_retention_se']:.3f}) | {per} |")
+    return lines + [""]
+
+
 def write_results_md() -> Path:
     lines = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks`) from `benchmarks/results/*.json`; every figure "
@@ -286,6 +303,9 @@ def write_results_md() -> Path:
             stale = ["**Measured 2026-11-24, before reconstruction and the held-apart split; not re-run since.**", ""] \
                 if q["machine"]["date"] < "2026-11-30" else []
             lines += [f"## {title}", ""] + stale + _verdict(q) + _quality_section(q, f"results/{plot}")
+    mc = _load("mc_retention.json")
+    if mc:
+        lines += ["## MC retention, item by item", ""] + _mc_section(mc)
     frontier = _load("frontier.json")
     if frontier:
         lines += ["## Speed/quality frontier", ""] + _frontier_section(frontier)

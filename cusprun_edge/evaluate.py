@@ -75,7 +75,13 @@ def _right_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 def mc_accuracy(logits_fn: LogitsFn, tokenizer, items: list[dict], *, items_per_batch: int = 8) -> float:
     """Share of items whose correct option has the highest mean log-likelihood after the question."""
-    correct = 0
+    return sum(mc_correct(logits_fn, tokenizer, items, items_per_batch=items_per_batch)) / max(1, len(items))
+
+
+def mc_correct(logits_fn: LogitsFn, tokenizer, items: list[dict], *, items_per_batch: int = 8) -> list[bool]:
+    """Per item, whether its correct option has the highest mean log-likelihood after the question (per-item
+    outcomes let a benchmark pair dense and expert item by item for a standard error)."""
+    correct: list[bool] = []
     for s in range(0, len(items), items_per_batch):
         chunk = items[s:s + items_per_batch]
         texts, prompt_lens, owners = [], [], []
@@ -97,8 +103,8 @@ def mc_accuracy(logits_fn: LogitsFn, tokenizer, items: list[dict], *, items_per_
         scores = ((tok_lp * option_mask).sum(1) / option_mask.sum(1).clamp(min=1)).cpu()
         for k, item in enumerate(chunk):
             rows = [i for i, o in enumerate(owners) if o == k]
-            correct += int(int(scores[rows].argmax()) == int(item["answer"]))
-    return correct / max(1, len(items))
+            correct.append(int(scores[rows].argmax()) == int(item["answer"]))
+    return correct
 
 
 def agreement(ref_fn: LogitsFn, test_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: int = 8,

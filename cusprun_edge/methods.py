@@ -42,6 +42,8 @@ class Plan:
     layers_keep: list[int]
     ffn_bias: list[torch.Tensor | None] = field(default_factory=list)
     o_bias: list[torch.Tensor | None] = field(default_factory=list)
+    # select "obs": per layer, the FFN channels the refit may choose its removals from (reconstruct.obs_select)
+    ffn_pool: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +73,10 @@ class MethodSpec:
     # within [1/cap, cap] times the uniform share
     damage_power: float = 1.0
     damage_cap: float = 2.0
+    # Which FFN channels go once a layer's count is set: "scores" (the method's lowest) or "obs": among the
+    # OBS_POOL x count lowest-scored (the units the method marks least relevant to the expert), those whose removal
+    # the refit compensates best (reconstruct.obs_select); needs reconstruction.
+    select: str = "scores"
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -115,7 +121,10 @@ RECIPE_CHOICES = {
     "head_policy": ("fraction", "ffn_first"),
     "reconstruct": ("none", "sequential", "one-shot"),
     "refit_target": ("layer", "dense"),
+    "select": ("scores", "obs"),
 }
+# select "obs": the candidate pool is this many times the channels a layer loses (capped at its width)
+OBS_POOL = 2
 
 
 def method_with_overrides(name: str, options: dict) -> MethodSpec:
@@ -142,7 +151,11 @@ def method_with_overrides(name: str, options: dict) -> MethodSpec:
             raise UserError(f"--option {key}={value} is not valid; choose one of {', '.join(RECIPE_CHOICES[key])}")
     if "allocation" in fields and (fields["allocation"] == "layers") != (spec.allocation == "layers"):
         raise UserError(f"--option allocation={fields['allocation']} does not fit method '{name}'s unit scores")
-    return dataclasses.replace(spec, **fields) if fields else spec
+    spec = dataclasses.replace(spec, **fields) if fields else spec
+    if spec.select == "obs" and (spec.reconstruct == "none" or spec.allocation == "layers"):
+        raise UserError("--option select=obs chooses channels by what the refit can compensate: it needs "
+                        "reconstruction (--option reconstruct=sequential) and a method that removes channels")
+    return spec
 
 
 # --------------------------------------------------------------------------- pooled statistics
@@ -472,6 +485,9 @@ def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: s
         drop = set(removed_ffn[i])
         plan.ffn_keep[i] = torch.tensor([k for k in range(geo.ffn[i]) if k not in drop], dtype=torch.long)
         plan.q_keep[i] = [h for h in range(geo.n_q[i]) if h not in set(removed_heads[i])]
+    if spec.select == "obs":
+        plan.ffn_pool = [u.ffn.argsort()[: min(geo.ffn[i], OBS_POOL * len(removed_ffn[i]))]
+                         for i, u in enumerate(units)]
     if spec.bias_compensation:
         plan.ffn_bias, plan.o_bias = _compensation(model, corpora, plan)
     return plan

@@ -165,7 +165,10 @@ def _reconstruct(model, plan: Plan, spec, tokenizer, corpora, device) -> dict:
     calib = [t for c in corpora.values() for t in c.calib]
     tune = [t for c in corpora.values() for t in c.tune]
     choice = choose_and_refit(model, plan, tokenizer, calib, tune, mode=spec.reconstruct,
-                              target=spec.refit_target, ridge=spec.ridge, device=device)
+                              target=spec.refit_target, ridge=spec.ridge, device=device,
+                              ffn_pool=plan.ffn_pool or None)
+    for i, keep in choice.ffn_keep.items():  # select=obs: the refit chose which channels go
+        plan.ffn_keep[i] = keep
     return {**choice.record(), "weights": choice.weights,
             **({"bias_compensation": "replaced by the refit"} if spec.bias_compensation else {})}
 

@@ -97,6 +97,31 @@ def _ridge_solve(weight: torch.Tensor, g_kk: torch.Tensor, c_k: torch.Tensor, ri
     return sol.to(weight.dtype)
 
 
+def obs_select(weight: torch.Tensor, gram: torch.Tensor, pool: torch.Tensor, n: int,
+               ridge: float = START_RIDGE) -> torch.Tensor:
+    """The `n` input channels of `pool` whose removal the refit compensates best, chosen greedily (OBS, as
+    SlimGPT and ZipLM do for structured units): with H = G + ridge * mean(diag G) I over all input channels,
+    removing channel k and refitting the rest costs ||W[:, k]||^2 / (H^-1)_kk at the layer's output; after each
+    removal W and H^-1 are updated as the refit would update them. Returns the removed channels, sorted."""
+    g = gram.to(torch.float64)
+    h = g + ridge * (float(g.diagonal().mean()) or 1.0) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = weight.to(g.device, torch.float64).clone()
+    alive = torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
+    alive[pool.to(g.device)] = True
+    removed = []
+    for _ in range(n):
+        idx = alive.nonzero().squeeze(1)
+        cost = (w[:, idx] ** 2).sum(0) / hinv.diagonal()[idx]
+        k = int(idx[int(cost.argmin())])
+        row = hinv[k] / hinv[k, k]
+        w -= torch.outer(w[:, k], row)  # the rest absorb what channel k carried
+        hinv -= torch.outer(hinv[:, k], row)  # H^-1 of the channels left
+        alive[k] = False
+        removed.append(k)
+    return torch.tensor(sorted(removed), dtype=torch.long)
+
+
 # --------------------------------------------------------------------------- activation streams
 
 
@@ -204,6 +229,7 @@ class PassResult:
     peak_statistics: int  # most statistic matrices alive at once
     stats_bytes: int  # largest per-projection statistics footprint
     ridges: dict[str, float] = field(default_factory=dict)  # "layer/module" -> ridge used
+    ffn_keep: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> kept channels chosen by OBS
 
 
 def _head_cols(q_keep: list[int], hd: int) -> torch.Tensor:
@@ -249,7 +275,8 @@ def _heldout_error(weight, w_new, gram_t, cross_t, keep) -> float:
 @torch.no_grad()
 def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: str = "sequential",
              target: str = "layer", ridge: float | None = None, device="cpu",
-             on_statistics: Callable[[int, str], None] | None = None) -> PassResult:
+             on_statistics: Callable[[int, str], None] | None = None,
+             ffn_pool: list[torch.Tensor] | None = None) -> PassResult:
     """Prune a copy of each layer after `plan`, refit it (mode != "none"), and carry the streams through it.
 
     mode "sequential": statistics on the already pruned and refitted earlier layers' outputs;
@@ -257,7 +284,9 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
     target "layer": fit the dense layer's projection on the same inputs; "dense": fit the dense model's own
     activations (the dense path's input to the same layer). ridge None: per projection, the ridge in
     RIDGES whose refit best fits the held-apart documents (needs `tune`). The model itself is not changed.
-    `on_statistics(layer, module)` is called when a projection's statistics are complete, before its solve."""
+    `on_statistics(layer, module)` is called when a projection's statistics are complete, before its solve.
+    `ffn_pool` (select "obs"): per layer, the channels down_proj's removals are chosen from by obs_select, on that
+    layer's full Gram, instead of the plan's; the choice is returned in `ffn_keep`."""
     t0 = time.time()
     spec = arch.spec_for(model)
     hd = arch.head_dim(model)
@@ -277,6 +306,7 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
     weights: dict[int, dict[str, torch.Tensor]] = {}
     ridges: dict[str, float] = {}
     peak, stats_bytes = 0, 0
+    selected: dict[int, torch.Tensor] = {}
 
     for i, layer in enumerate(layers):
         work = copy.deepcopy(layer).to(device)  # becomes the pruned (refitted) layer
@@ -296,8 +326,16 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
                 src = (dense, dmodule) if mode == "one-shot" else (work, module)
                 tgt = (dense, dmodule) if mode == "sequential" and target == "dense" else None
                 xs = x_d if mode == "one-shot" else x_p
+                select = name == "down" and bool(ffn_pool)
+                width = module.in_features
                 stats = _accumulate(i, name, _pairs(src, tgt, xs, x_d, calib.layer_kwargs[i], device),
-                                    calib.masks, keep)
+                                    calib.masks, torch.arange(width) if select else keep)
+                if select:  # the full Gram chooses the removals; the solve then needs its kept columns only
+                    removed = obs_select(module.weight, stats[0].matrix, ffn_pool[i], width - len(keep))
+                    keep = selected[i] = torch.tensor([k for k in range(width) if k not in set(removed.tolist())])
+                    for st in stats:
+                        if st is not None:
+                            st.matrix = st.matrix[:, keep.to(st.matrix.device)]
                 if cv:  # the same statistics on the held-apart documents, to choose the ridge
                     xts = x_td if mode == "one-shot" else x_t
                     stats += _accumulate(i, name, _pairs(src, tgt, xts, x_td, tune.layer_kwargs[i], device),
@@ -321,7 +359,7 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
             if name == "o" and pruned:
                 keep_heads(parts, plan.q_keep[i], plan.kv_keep[i], hd, spec)
             elif name == "down" and pruned:
-                keep_ffn_channels(parts, plan.ffn_keep[i], spec)
+                keep_ffn_channels(parts, keep, spec)
             parts = arch.layer_parts(work, spec)
             if new_w is not None:
                 target_module = parts.o if name == "o" else parts.down
@@ -339,7 +377,7 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
             x_td = [_forward(dense, x, k, device) for x, k in zip(x_td, tune.layer_kwargs[i])]
         del work, dense
     tune_nll = _stream_nll(model, x_t, tune, device) if x_t is not None else None
-    return PassResult(weights, tune_nll, time.time() - t0, peak, stats_bytes, ridges)
+    return PassResult(weights, tune_nll, time.time() - t0, peak, stats_bytes, ridges, selected)
 
 
 def _stream_nll(model, hidden: list[torch.Tensor], stream: Stream, device) -> float:
@@ -394,6 +432,8 @@ class Choice:
     calib_tokens: int = 0
     tune_tokens: int = 0
     note: str = ""
+    select: str = "scores"
+    ffn_keep: dict[int, torch.Tensor] = field(default_factory=dict)  # OBS's choice, when the refit is kept
 
     def record(self) -> dict:
         counts: dict[str, int] = {}
@@ -405,17 +445,20 @@ class Choice:
             "seconds": round(self.seconds, 2), "peak_statistics_alive": self.peak_statistics,
             "stats_mb": round(self.stats_bytes / 2**20, 1), "calib_tokens": self.calib_tokens,
             "tune_tokens": self.tune_tokens, "note": self.note,
+            **({"select": "obs" if self.ffn_keep else "scores (the refit, and OBS with it, was not kept)"}
+               if self.select == "obs" else {}),
         }
 
 
 def choose_and_refit(model, plan, tokenizer, calib_texts: list[str], tune_texts: list[str], *,
                      mode: str = "sequential", target: str = "layer", ridge: float | str = "auto",
                      device="cpu", batch_size: int = 8, max_length: int = 512,
-                     on_statistics=None) -> Choice:
+                     on_statistics=None, ffn_pool: list[torch.Tensor] | None = None) -> Choice:
     """Refitted weights for `plan` (the model is not changed).
 
     ridge="auto": each projection's ridge is the one in RIDGES whose refit best fits the held-apart documents,
-    then the refitted model is kept only if its held-apart perplexity beats no refit. A number: that ridge."""
+    then the refitted model is kept only if its held-apart perplexity beats no refit. A number: that ridge.
+    `ffn_pool`: choose down_proj's removals by OBS within it (run_pass); the choice comes with the refit."""
     if mode not in MODES or mode == "none":
         raise UserError(f"reconstruction mode must be one of {', '.join(MODES[1:])}, got {mode}")
     if target not in TARGETS:
@@ -426,12 +469,14 @@ def choose_and_refit(model, plan, tokenizer, calib_texts: list[str], tune_texts:
     calib = capture_stream(model, tokenizer, calib_texts, batch_size=batch_size, max_length=max_length)
     tune = (capture_stream(model, tokenizer, tune_texts, batch_size=batch_size, max_length=max_length)
             if tune_texts else None)
-    choice = Choice(mode, target, None, calib_tokens=calib.n_tokens, tune_tokens=tune.n_tokens if tune else 0)
+    choice = Choice(mode, target, None, calib_tokens=calib.n_tokens, tune_tokens=tune.n_tokens if tune else 0,
+                    select="obs" if ffn_pool else "scores")
 
     def attempt(label, r, refit=True):
         """One pass; r None: the ridge chosen per projection on the held-apart documents."""
         res = run_pass(model, plan, calib if refit else None, tune, mode=mode if refit else "none",
-                       target=target, ridge=r, device=device, on_statistics=on_statistics)
+                       target=target, ridge=r, device=device, on_statistics=on_statistics,
+                       ffn_pool=ffn_pool if refit else None)
         choice.peak_statistics = max(choice.peak_statistics, res.peak_statistics)
         choice.stats_bytes = max(choice.stats_bytes, res.stats_bytes)
         if res.tune_nll is not None:
@@ -442,18 +487,19 @@ def choose_and_refit(model, plan, tokenizer, calib_texts: list[str], tune_texts:
     if not isinstance(ridge, str):
         res = attempt(f"ridge {float(ridge):g}", float(ridge))
         choice.ridge, choice.weights, choice.ridges = float(ridge), res.weights, res.ridges
-        choice.note = "ridge given"
+        choice.ffn_keep, choice.note = res.ffn_keep, "ridge given"
     elif tune is None:
         # nothing held apart to choose on (a tiny corpus): the usual ridge, unchecked
         res = attempt(f"ridge {START_RIDGE:g}", START_RIDGE)
         choice.ridge, choice.weights, choice.ridges = START_RIDGE, res.weights, res.ridges
+        choice.ffn_keep = res.ffn_keep
         choice.note = "no held-apart documents: ridge not tuned, not checked against no refit"
     else:
         base = attempt("none", None, refit=False)
         res = attempt("per-layer ridge", None)
         choice.ridges = res.ridges  # recorded either way: what the refit would have used
         if res.tune_nll < base.tune_nll:
-            choice.ridge, choice.weights = "per-layer", res.weights
+            choice.ridge, choice.weights, choice.ffn_keep = "per-layer", res.weights, res.ffn_keep
             choice.note = "ridge chosen per projection on held-apart documents; refit beats no refit there"
         else:
             choice.note = "no refit: the refit made held-apart perplexity worse"

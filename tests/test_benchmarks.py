@@ -75,3 +75,26 @@ def test_merge_adds_the_workers_new_rows_once_and_keeps_one_entry_per_machine(tm
     assert merge.merge_defaults(workers) == 1
     d = json.loads((tmp_path / "results" / "defaults.json").read_text())
     assert d["rows"][0]["tune_ppl"] == 8.0 and d["machine"]["cpu"] == "Xeon"
+
+
+def test_mc_retention_pairs_items_and_its_error_shrinks_with_more_items():
+    import numpy as np
+
+    from benchmarks.mc import retention_se
+
+    rng = np.random.default_rng(0)
+
+    def outcomes(n):
+        dense = (rng.random(n) < 0.5).astype(float)
+        return dense, dense * (rng.random(n) < 0.8)  # the expert loses about a fifth of dense's right answers
+
+    # the same outcomes: retention exactly 1 with no spread, since every resample pairs the same items
+    same = [(rng.random(60) < 0.5).astype(float) for _ in range(3)]
+    point, mean, per_se, mean_se = retention_se(same, same, rounds=500)
+    assert point == [1.0, 1.0, 1.0] and mean == 1.0 and mean_se == 0.0 and per_se == [0.0, 0.0, 0.0]
+    small = [outcomes(40) for _ in range(3)]
+    large = [outcomes(4000) for _ in range(3)]
+    _, mean_small, _, se_small = retention_se([d for d, _ in small], [e for _, e in small], rounds=2000)
+    _, mean_large, _, se_large = retention_se([d for d, _ in large], [e for _, e in large], rounds=2000)
+    assert abs(mean_large - 0.8) < 0.03 and se_large < se_small / 5
+    assert mean_small == np.mean([e.mean() / d.mean() for d, e in small])

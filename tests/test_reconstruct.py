@@ -18,6 +18,7 @@ from cusprun_edge.reconstruct import (
     alive_statistics,
     capture_stream,
     choose_and_refit,
+    obs_select,
     refit_columns,
     run_pass,
 )
@@ -185,6 +186,48 @@ def test_reconstruction_is_available_to_every_method_and_recorded():
     assert [p.down.weight.shape for p in arch.all_layer_parts(plain)] == \
         [p.down.weight.shape for p in arch.all_layer_parts(m)]
     assert not torch.equal(arch.all_layer_parts(plain)[0].down.weight, arch.all_layer_parts(m)[0].down.weight)
+
+
+@torch.no_grad()
+def test_obs_removes_the_channel_the_refit_can_replace():
+    """Channel 3 carries exactly what channel 1 does: removing it costs nothing once channel 1 absorbs its weight,
+    though its weight is the largest; a second removal never takes the other copy too."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    a[:, 3] = a[:, 1]
+    gram = a.T @ a
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    w[:, 3] *= 10
+    assert obs_select(w, gram, torch.tensor([1, 2, 3]), 1, ridge=1e-9).tolist() in ([1], [3])
+    two = obs_select(w, gram, torch.tensor([1, 2, 3]), 2, ridge=1e-9).tolist()
+    assert 2 in two and len(two) == 2  # never both copies: the second costs what the pair carried
+    # the refit after OBS's choice reproduces the layer exactly
+    keep = torch.tensor([0, 1, 2, 4, 5])
+    assert torch.allclose(refit_columns(w, gram, keep, 0.0) @ a[:, keep].T, w @ a.T, atol=1e-6)
+
+
+def test_select_obs_keeps_each_layers_count_and_chooses_within_the_pool():
+    model, tok = tiny_model("llama")
+    scores = score_model(model, tok, CORPORA, show_progress=False)
+    opts = {"allocation": "uniform", "select": "obs"}
+    plan = make_plan(model, scores, ["domain/a"], "cusprun", 0.3, dict(opts))
+    by_scores = make_plan(model, scores, ["domain/a"], "cusprun", 0.3, {"allocation": "uniform"})
+    m = copy.deepcopy(model)
+    rec = prune_model(m, scores, ["domain/a"], "cusprun", 0.3, dict(opts), tokenizer=tok, corpora=CORPORA)
+    assert rec["reconstruction"]["select"] == "obs"
+    widths = structure_of(m).intermediate_sizes
+    assert widths == [len(k) for k in by_scores.ffn_keep]  # the same count per layer as the scores' plan
+    obs_plan = copy.deepcopy(plan)
+    res = run_pass(model, obs_plan, capture_stream(model, tok, CALIB), None, ridge=1e-2, ffn_pool=plan.ffn_pool)
+    changed = 0
+    for i, keep in res.ffn_keep.items():
+        removed = set(range(arch.all_layer_parts(model)[i].down.in_features)) - set(keep.tolist())
+        assert removed <= set(plan.ffn_pool[i].tolist())  # only among the units Cus-Prun ranks least relevant
+        changed += removed != set(range(arch.all_layer_parts(model)[i].down.in_features)) - set(
+            by_scores.ffn_keep[i].tolist())
+    assert changed > 0
+    with pytest.raises(UserError, match="select=obs .* needs reconstruction"):
+        make_plan(model, scores, ["domain/a"], "cusprun", 0.3, {"select": "obs", "reconstruct": "none"})
 
 
 def test_bad_reconstruction_options():
