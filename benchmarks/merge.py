@@ -34,7 +34,7 @@ def _add_machine(machines: list[dict], m: dict | None) -> None:
 
 
 def merge_quality(folders: list[Path]) -> int:
-    from .quality import RATIOS, SETTINGS, variants
+    from .quality import expected_rows
 
     path = RESULTS / "quality.json"
     main = _load(path)
@@ -51,8 +51,7 @@ def merge_quality(folders: list[Path]) -> int:
             keys.add((r["setting"], r["method"], r["target_ratio"]))
             main["rows"].append(r)
         added += len(new)
-    full = {(s, label, r) for s in SETTINGS for r in RATIOS for label in variants(False)}
-    missing = full - keys
+    missing = expected_rows() - keys
     main |= {"machines": machines, "partial": bool(missing),
              "note": f"{len(main['rows'])} rows, {len(missing)} to measure" if missing else ""}
     path.write_text(json.dumps(main, indent=2))
