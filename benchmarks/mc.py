@@ -30,9 +30,9 @@ NAME = "mc_retention.json"
 BOOTSTRAP = 10_000
 
 
-def _items(spec: str) -> dict[str, list[dict]]:
+def _items(corpora: dict) -> dict[str, list[dict]]:
     """Category name -> its held-out multiple-choice items, for the categories of one setting that have any."""
-    return {name: c.mc for name, c in ExpertSpec.parse(spec).corpora().items() if c.mc}
+    return {name: c.mc for name, c in corpora.items() if c.mc}
 
 
 def _correct(model, tok, items: dict[str, list[dict]]) -> dict[str, list[bool]]:
@@ -67,8 +67,9 @@ def run(model_name: str = DEFAULT_MODEL, only: list[str] | None = None, ratios: 
     methods = _subset(variants(False), rows or ["cusprun"], "row")
     model, tok = load_model(model_name)
     model.to(device)
-    items = {name: _items(spec) for name, spec in settings.items()}
-    needed = {n for s in settings.values() for n in ExpertSpec.parse(s).corpora()}
+    by_setting = {name: ExpertSpec.parse(spec).corpora() for name, spec in settings.items()}
+    items = {name: _items(c) for name, c in by_setting.items()}
+    needed = {n for c in by_setting.values() for n in c}
     corpora = {k: v for k, v in all_builtin_corpora().items() if k in needed}
     scores = score_model(model, tok, corpora, show_progress=False)
     dense = {name: _correct(model, tok, items[name]) for name in settings}
@@ -76,8 +77,8 @@ def run(model_name: str = DEFAULT_MODEL, only: list[str] | None = None, ratios: 
     for label, (method, options) in methods.items():
         for ratio in ratios:
             per_setting = {}
-            for name, spec in settings.items():
-                names = list(ExpertSpec.parse(spec).corpora())
+            for name in settings:
+                names = list(by_setting[name])
                 m = copy.deepcopy(model)
                 t = time.time()
                 rec = prune_model(m, scores, names, method, ratio, options=dict(options), tokenizer=tok,

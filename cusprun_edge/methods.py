@@ -484,7 +484,8 @@ def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: s
     for i in range(n_layers):
         drop = set(removed_ffn[i])
         plan.ffn_keep[i] = torch.tensor([k for k in range(geo.ffn[i]) if k not in drop], dtype=torch.long)
-        plan.q_keep[i] = [h for h in range(geo.n_q[i]) if h not in set(removed_heads[i])]
+        gone = set(removed_heads[i])
+        plan.q_keep[i] = [h for h in range(geo.n_q[i]) if h not in gone]
     if spec.select == "obs":
         plan.ffn_pool = [u.ffn.argsort()[: min(geo.ffn[i], OBS_POOL * len(removed_ffn[i]))]
                          for i, u in enumerate(units)]

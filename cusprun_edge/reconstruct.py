@@ -87,14 +87,19 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
 def _ridge_solve(weight: torch.Tensor, g_kk: torch.Tensor, c_k: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve W_K' (G_KK + ridge * mean(diag G_KK) I) = W C_K in float64; returned in the weight's dtype."""
     rhs = weight.to(c_k.device, torch.float64) @ c_k  # [out, |K|]
-    scale = float(g_kk.diagonal().mean()) or 1.0
-    a = g_kk + ridge * scale * torch.eye(g_kk.shape[0], dtype=g_kk.dtype, device=g_kk.device)
+    a = _with_ridge(g_kk, ridge)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         sol = torch.cholesky_solve(rhs.T, chol).T
     else:  # singular without a ridge (units that never fire): least-norm solution
         sol = torch.linalg.lstsq(a, rhs.T, driver="gelsd" if a.device.type == "cpu" else None).solution.T
     return sol.to(weight.dtype)
+
+
+def _with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """G + ridge * mean(diag G) I: the ridge is relative to the inputs' mean energy."""
+    scale = float(gram.diagonal().mean()) or 1.0
+    return gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
 def obs_select(weight: torch.Tensor, gram: torch.Tensor, pool: torch.Tensor, n: int,
@@ -104,8 +109,7 @@ def obs_select(weight: torch.Tensor, gram: torch.Tensor, pool: torch.Tensor, n: 
     removing channel k and refitting the rest costs ||W[:, k]||^2 / (H^-1)_kk at the layer's output; after each
     removal W and H^-1 are updated as the refit would update them. Returns the removed channels, sorted."""
     g = gram.to(torch.float64)
-    h = g + ridge * (float(g.diagonal().mean()) or 1.0) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(_with_ridge(g, ridge)))
     w = weight.to(g.device, torch.float64).clone()
     alive = torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
     alive[pool.to(g.device)] = True
@@ -332,7 +336,9 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
                                     calib.masks, torch.arange(width) if select else keep)
                 if select:  # the full Gram chooses the removals; the solve then needs its kept columns only
                     removed = obs_select(module.weight, stats[0].matrix, ffn_pool[i], width - len(keep))
-                    keep = selected[i] = torch.tensor([k for k in range(width) if k not in set(removed.tolist())])
+                    kept = torch.ones(width, dtype=torch.bool)
+                    kept[removed] = False
+                    keep = selected[i] = kept.nonzero().squeeze(1)
                     for st in stats:
                         if st is not None:
                             st.matrix = st.matrix[:, keep.to(st.matrix.device)]
