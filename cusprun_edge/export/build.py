@@ -32,7 +32,7 @@ from .package import (
 )
 from .passes import save_onnx
 from .precision import convert_precision
-from .quant_plan import INT4_LEVELS, worst_off_grid
+from .quant_plan import DEFAULT_PLAN, PLANS, levels_of, worst_off_grid
 from .trace import export_onnx
 
 StepCallback = Callable[[str], None]
@@ -60,6 +60,7 @@ def export_model(
     held_out: str | None = None,
     calibration: list[str] | None = None,
     on_step: StepCallback | None = None,
+    quant_plan: str = DEFAULT_PLAN,
 ) -> dict:
     """Export `model` for `target` (a TargetProfile or its name/path) into the directory `out`.
 
@@ -70,6 +71,7 @@ def export_model(
     starts ("trace", "graph passes", "parity fp32", "quantize int4", "parity int4", "package").
     `calibration`: documents (never the held-out ones) whose activations guide the quantization of weights on
     no 4-bit grid (GPTQ-style; default: the calibration documents of the expert recorded in `source`).
+    `quant_plan`: the int4 plan, "exact" or "fast" (export/quant_plan.py).
     Returns the manifest (also written to `out/manifest.json`). Raises UserError on bad input or failed
     parity, leaving nothing behind; an error in the exporter or a library surfaces as itself."""
     started = time.perf_counter()
@@ -80,6 +82,8 @@ def export_model(
             f"precision '{precision}' is not available for target '{profile.name}'; "
             f"choose one of {', '.join(profile.precisions)}"
         )
+    if quant_plan not in PLANS:
+        raise UserError(f"quantization plan '{quant_plan}' is unknown; choose one of {', '.join(PLANS)}")
     attention = attention or profile.attention
     if attention not in ("gqa", "standard"):
         raise UserError(f"attention '{attention}' is unknown; use 'gqa' or 'standard'")
@@ -105,7 +109,7 @@ def export_model(
         spec = _held_out_spec(source, held_out)
         manifest = _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source,
                           on_step or (lambda name: None), spec,
-                          calibration if calibration is not None else _calibration_texts(spec))
+                          calibration if calibration is not None else _calibration_texts(spec, quant_plan), quant_plan)
         write_manifest(tmp, manifest, started)
     return manifest
 
@@ -140,11 +144,14 @@ def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
     return spec or record.get("expert")
 
 
-def _calibration_texts(spec: str | None) -> list[str]:
-    """The expert's calibration documents (scoring and held-apart ones; never its eval split)."""
+def _calibration_texts(spec: str | None, plan: str = DEFAULT_PLAN) -> list[str]:
+    """The expert's calibration documents (scoring and held-apart ones; never its eval split). The fast plan
+    rounds every weight on them, so a model with no recorded expert is calibrated on the general domain's."""
+    from ..corpora import ExpertSpec, calibration_documents
+
+    spec = spec or ("domain=general" if plan == "fast" else None)
     if not spec:
         return []
-    from ..corpora import ExpertSpec, calibration_documents
 
     try:
         return calibration_documents(ExpertSpec.parse(spec).corpora())
@@ -152,23 +159,24 @@ def _calibration_texts(spec: str | None) -> list[str]:
         return []
 
 
-def _grams(model, tokenizer, texts, timings, notes) -> dict:
-    """Input statistics of the weights on no 4-bit grid, for GPTQ-style quantization (none: nothing to do)."""
-    from .calibration import MAX_DOCUMENTS, input_grams, off_grid_linears
+def _grams(model, tokenizer, texts, timings, notes, plan: str = DEFAULT_PLAN) -> dict:
+    """Input statistics for GPTQ-style quantization: of the weights on no 4-bit grid (exact plan; none: nothing to
+    do), or of every weight (fast plan)."""
+    from .calibration import MAX_DOCUMENTS, every_linear, input_grams, off_grid_linears
 
     t = time.perf_counter()
-    names = off_grid_linears(model)
+    names = every_linear(model) if plan == "fast" else off_grid_linears(model)
     if not names or not texts:
         return {}
     grams = input_grams(model, tokenizer, texts, names)
     timings["calibration"] = round(time.perf_counter() - t, 2)
-    notes.append(f"{len(names)} weights on no 4-bit grid quantized GPTQ-style on "
-                 f"{min(len(texts), MAX_DOCUMENTS)} calibration documents")
+    what = "every weight (fast plan)" if plan == "fast" else f"{len(names)} weights on no 4-bit grid"
+    notes.append(f"{what} quantized GPTQ-style on {min(len(texts), MAX_DOCUMENTS)} calibration documents")
     return grams
 
 
 def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source, step, held_out,
-           calibration) -> dict:
+           calibration, plan) -> dict:
     timings: dict[str, float] = {}
     notes: list[str] = []
     t = time.perf_counter()
@@ -187,10 +195,11 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         texts = gate.held_out_texts(held_out)
         held_reference = gate.held_out_reference(model, tokenizer, texts)
         timings["held_out_reference"] = round(time.perf_counter() - t, 2)
-        grams = _grams(model, tokenizer, calibration, timings, notes) if precision == "int4" else {}
+        grams = _grams(model, tokenizer, calibration, timings, notes, plan) if precision == "int4" else {}
+        gate_limits = limits["int4-fast"] if precision == "int4" and plan == "fast" else limits[precision]
         quantization, parity[precision] = _quantize_and_gate(
-            fp32_dir, tmp, precision, profile, reference, held_reference, limits[precision], timings, notes, step,
-            grams)
+            fp32_dir, tmp, precision, profile, reference, held_reference, gate_limits, timings, notes, step,
+            grams, plan)
         del grams
     shutil.rmtree(fp32_dir)
 
@@ -223,7 +232,8 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
                    "held_out": {"spec": held_out or "domain=general",
                                 "documents_per_corpus": gate.HELD_OUT_DOCS, "tokens_per_document": gate.HELD_OUT_TOKENS},
                    "runtime": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
-                   "thresholds": {p: limits[p] for p in parity}, **parity},
+                   "thresholds": {p: limits["int4-fast" if p == "int4" and plan == "fast" else p] for p in parity},
+                   **parity},
         "genai": genai,
         "timings_s": timings,
         "notes": notes,
@@ -231,11 +241,12 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
 
 
 def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_reference, limits, timings, notes, step,
-                       grams=None):
+                       grams=None, plan=DEFAULT_PLAN):
     """Convert to `precision` and gate it on the prompts and the held-out text; an int4 export that fails
-    falls back along quant_plan.INT4_LEVELS (more weights at 8 bits) and says why; one that still fails
-    is refused (UserError: the model itself does not survive this precision)."""
-    levels = range(len(INT4_LEVELS)) if precision == "int4" else [0]
+    falls back along its plan's levels (quant_plan.levels_of: more weights at 8 bits) and says why; one that
+    still fails is refused (UserError: the model itself does not survive this precision)."""
+    names = levels_of(plan)
+    levels = range(len(names)) if precision == "int4" else [0]
     failures, worst, quantization = [], frozenset(), None
     for level in levels:
         if level == 1:
@@ -245,7 +256,7 @@ def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_refere
         step(f"quantize {precision}" + (f" (fallback {level})" if level else ""))
         t = time.perf_counter()
         quantization = convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision, level=level,
-                                         accuracy_level=profile.accuracy_level, grams=grams, worst=worst)
+                                         accuracy_level=profile.accuracy_level, grams=grams, worst=worst, plan=plan)
         timings[f"convert_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
         step(f"parity {precision}")
         t = time.perf_counter()
@@ -256,11 +267,11 @@ def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_refere
         timings[f"parity_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
         if result["passed"]:
             if failures:
-                quantization["fallback"] = (f"{'; '.join(failures)}; {INT4_LEVELS[level]} passed")
+                quantization["fallback"] = (f"{'; '.join(failures)}; {names[level]} passed")
                 notes.append(quantization["fallback"])
                 result["failed_levels"] = failures
             return quantization, result
-        failures.append(f"{INT4_LEVELS[level] if precision == 'int4' else precision} failed parity ({result['failure']})")
+        failures.append(f"{names[level] if precision == 'int4' else precision} failed parity ({result['failure']})")
     hint = {"int4": "; this model loses too much at int4: try --precision int8",
             "int8": "; try --precision fp16 or fp32"}.get(precision, "")
     raise UserError(f"export failed parity ({precision}): {'; '.join(failures)}{hint}")

@@ -31,6 +31,17 @@ def off_grid_linears(model) -> list[str]:
     return names
 
 
+# Projections that read the same input as another (q/k/v; gate/up; the export's packed q/k/v MatMul): one matrix
+# serves them all.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "qkv_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def every_linear(model) -> list[str]:
+    """Names of the Linear modules the fast plan quantizes GPTQ-style, the lm_head included, one per distinct input."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in SHARED_INPUT]
+
+
 @torch.no_grad()
 def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Module name -> sum over the tokens of `texts` (padding excluded) of x x^T, x the module's input."""
@@ -64,6 +75,12 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
 def gram_for(grams: dict[str, np.ndarray], path: str) -> np.ndarray | None:
     """The matrix of the module an ONNX MatMul computes (`path` from weight_only.module_paths, which may
     have lost a leading 'model.')."""
-    if path in grams:
-        return grams[path]
-    return next((g for n, g in grams.items() if n.endswith("." + path)), None)
+    stem, _, leaf = path.rpartition(".")
+    candidates = [path] + ([f"{stem}.{SHARED_INPUT[leaf]}" if stem else SHARED_INPUT[leaf]] if leaf in SHARED_INPUT else [])
+    for candidate in candidates:
+        if candidate in grams:
+            return grams[candidate]
+        found = next((g for n, g in grams.items() if n.endswith("." + candidate)), None)
+        if found is not None:
+            return found
+    return None

@@ -341,8 +341,8 @@ def pack(q: Quantized) -> dict[str, np.ndarray]:
 
 
 def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: int = 32,
-                  damp: float = 0.01) -> Quantized:
-    """Quantize W [K, N] (uint8 zero-point form) so that x @ W keeps its value on calibration inputs,
+                  damp: float = 0.01, symmetric: bool = False) -> Quantized:
+    """Quantize W [K, N] (uint8 zero-point form, or with `symmetric` the form with no zero point) so that x @ W keeps its value on calibration inputs,
     not only W itself: inputs are rounded one at a time and each rounding error is spread over the
     inputs not yet rounded, along the inverse of H = sum x x^T (the GPTQ update). The inputs go in order of
     decreasing H_ii (the most active first, while the most inputs remain to absorb their error), and each
@@ -350,7 +350,8 @@ def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: 
     a block's inputs are no longer rounded together. On the 25% en+general SmolLM2 expert's down_proj
     (PyTorch, held-apart tune documents): top-1 0.917, KL 0.017 against 0.909, 0.020 in input order with
     each block fitted when reached; damp 0.1 instead of 0.01 was worse both ways. `damp` adds that share of
-    mean(diag H) to the diagonal."""
+    mean(diag H) to the diagonal. `symmetric`: the zero point is 2**(bits-1) everywhere and not stored (what
+    GatherBlockQuantized reads when the embedding shares the lm_head's weight)."""
     k, n = weight.shape
     levels = 1 << bits
     w = weight.astype(np.float64).copy()
@@ -366,9 +367,13 @@ def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: 
         r0, r1 = b * block, min(k, (b + 1) * block)
         sub = w[r0:r1].T
         imp = np.broadcast_to(diag[r0:r1], sub.shape)
-        _, step, base = _fit_affine(sub, levels, imp)
-        z = np.clip(np.rint(-base / step), 0, levels - 1)
-        _, step = _integer_zero_point(sub, step, z, levels, imp, refine=True)
+        if symmetric:
+            _, step = _fit_symmetric(sub, bits, imp)
+            z = np.full(n, levels // 2)
+        else:
+            _, step, base = _fit_affine(sub, levels, imp)
+            z = np.clip(np.rint(-base / step), 0, levels - 1)
+            _, step = _integer_zero_point(sub, step, z, levels, imp, refine=True)
         scales[:, b], zero_points[:, b] = step, z
     order = np.argsort(-diag, kind="stable")
     h = h[np.ix_(order, order)]
@@ -391,7 +396,7 @@ def quantize_gptq(weight: np.ndarray, bits: int, hessian: np.ndarray, *, block: 
             codes[:, order[i]] = j
         w[c1:] -= u[c0:c1, c1:].T @ err
     q = Quantized(bits, block, k, codes.reshape(n, nb, block).astype(np.uint8), scales.astype(np.float32),
-                  zero_points.astype(np.uint8))
+                  None if symmetric else zero_points.astype(np.uint8))
     return _with_errors(q, weight)
 
 

@@ -22,6 +22,16 @@ GENAI_PROVIDERS = {"CUDAExecutionProvider": "cuda", "NvTensorRTRTXExecutionProvi
 ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
+def artifact_threads(profile) -> int:
+    """Intra-op threads the artifact asks for: the target profile's, or (0 in the profile: a target of the build
+    host's kind) the build host's physical cores."""
+    if profile.intra_op_threads:
+        return profile.intra_op_threads
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or 1)
+
+
 def write_genai_config(model, tokenizer, profile: TargetProfile, attention: str, out: Path) -> dict:
     """Write genai_config.json so `onnxruntime_genai.Model(out)` runs the export; returns what was written."""
     cfg = model.config
@@ -37,8 +47,9 @@ def write_genai_config(model, tokenizer, profile: TargetProfile, attention: str,
     context = context_length(model, profile)
     session = {"log_id": "cusprun-edge", "provider_options": _genai_providers(profile),
                "graph_optimization_level": ORT_LEVELS[profile.graph_optimization_level]}
-    if profile.intra_op_threads:
-        session["intra_op_num_threads"] = profile.intra_op_threads
+    # ONNX Runtime GenAI runs one intra-op thread unless told otherwise (2 threads: 102 -> 130 tokens/s for
+    # SmolLM2's int4 on a 2-core x86): the artifact says how many the target has
+    session["intra_op_num_threads"] = artifact_threads(profile)
     if profile.inter_op_threads:
         session["inter_op_num_threads"] = profile.inter_op_threads
     n_layers = len(kv_heads)

@@ -57,6 +57,19 @@ OFF_GRID = ("uint8", "fit")
 # ... and with calibration statistics of the weight's input (export/calibration.py): GPTQ-style rounding
 CALIBRATED = ("uint8", "gptq")
 
+# The int4 plans a build can choose (`--quant-plan`). "exact" keeps GGUF grids exactly (the offset form) and the
+# lm_head at 8 bits: closest to fp32, slower than plain int4. "fast" stores every weight in the forms ONNX Runtime's
+# CPU kernels run fastest (integer zero points, a symmetric 4-bit lm_head shared with the embedding), rounded
+# GPTQ-style on the expert's calibration documents: the bytes of the GenAI builder's int4, better rounded.
+PLANS = ("exact", "fast")
+DEFAULT_PLAN = "exact"
+# Fallback levels of the fast plan (the same gate walks them)
+FAST_LEVELS = (
+    "int4 fast: every weight 4-bit (integer zero points), lm_head 4-bit symmetric",
+    "int4 fast + the quarter of projections with the largest quantization error at 8 bits",
+    "int4 fast + that quarter and the lm_head at 8 bits",
+    "int4 fast + every projection at 8 bits",
+)
 # Fallback levels of an int4 export, in order; the gate tries the next when one fails.
 INT4_LEVELS = (
     "int4: lm_head 8-bit, grid weights exact, off-grid weights 4-bit",
@@ -73,7 +86,8 @@ WORST_SHARE = 0.25
 def worst_off_grid(record: dict) -> set[str]:
     """Module paths of the WORST_SHARE of the 4-bit re-quantized weights in a level-0 quantization record with
     the largest error: on calibration inputs where measured (GPTQ-style), else of the weight itself."""
-    tensors = {path: t for path, t in record["plan"]["tensors"].items() if t["bits"] == 4 and t["kind"] != "offset"}
+    tensors = {path: t for path, t in record["plan"]["tensors"].items()
+               if t["bits"] == 4 and t["kind"] != "offset" and "lm_head" not in t["why"]}
     ranked = sorted(tensors, key=lambda p: tensors[p].get("output_error", tensors[p]["rel_rms_error"]), reverse=True)
     return set(ranked[:int(np.ceil(WORST_SHARE * len(ranked)))])
 
@@ -115,13 +129,21 @@ def off_grid(weight: np.ndarray) -> bool:
     return exact_share(weight) < GRID_SHARE
 
 
+def levels_of(plan: str) -> tuple[str, ...]:
+    """The fallback levels the gate walks for an int4 plan."""
+    return FAST_LEVELS if plan == "fast" else INT4_LEVELS
+
+
 def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, level: int = 0,
               off_grid: tuple[str, str] | None = None, calibrated: set[str] | frozenset = frozenset(),
-              worst: set[str] | frozenset = frozenset()) -> dict[str, TensorPlan]:
+              worst: set[str] | frozenset = frozenset(), plan_name: str = DEFAULT_PLAN) -> dict[str, TensorPlan]:
     """`weights`: MatMul name -> (module path, W [K, N], whether it is the lm_head). Returns MatMul
     name -> TensorPlan. `off_grid` overrides OFF_GRID; MatMuls in `calibrated` have calibration
     statistics, and their off-grid weights are quantized by CALIBRATED (GPTQ-style) unless `off_grid` is given.
-    `worst`: module paths that level 1 stores at 8 bits (worst_off_grid of the level-0 record)."""
+    `worst`: module paths that level 1 stores at 8 bits (worst_off_grid of the level-0 record).
+    `plan_name`: one of PLANS (int4 only)."""
+    if precision == "int4" and plan_name == "fast":
+        return _fast_plan(weights, level, calibrated, worst)
     plan = {}
     for name, (path, weight, head) in weights.items():
         grid_off = off_grid or (CALIBRATED if name in calibrated else OFF_GRID)
@@ -143,6 +165,19 @@ def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, 
             kind = grid_off[0] if grid_off[0] != "offset" or weight.shape[0] % BLOCK == 0 else "uint8"
             plan[name] = TensorPlan(4, kind, grid_off[1], f"no 4-bit grid ({share:.0%} of blocks): {grid_off[1]} "
                                     f"with zero point {kind}")
+    return plan
+
+
+def _fast_plan(weights, level, calibrated, worst) -> dict[str, TensorPlan]:
+    plan = {}
+    for name, (path, weight, head) in weights.items():
+        method = "gptq" if name in calibrated else "fit"
+        if level >= 3 or (head and level >= 2) or (not head and level >= 1 and path in worst):
+            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {FAST_LEVELS[level]}")
+        elif head:
+            plan[name] = TensorPlan(4, "none", method, f"lm_head 4-bit symmetric ({method}), shared with the embedding")
+        else:
+            plan[name] = TensorPlan(4, "uint8", method, f"4-bit, integer zero points ({method})")
     return plan
 
 

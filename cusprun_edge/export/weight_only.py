@@ -71,7 +71,8 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
         for name in names:
             weight = numpy_helper.to_array(matmuls[name][1])
             if entry.method == "gptq":
-                q = nbits.quantize_gptq(weight, entry.bits, grams[name], block=entry.block)
+                q = nbits.quantize_gptq(weight, entry.bits, grams[name], block=entry.block,
+                                        symmetric=entry.kind == "none")
             else:
                 q = nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method,
                                    importance=(importance or {}).get(name))
