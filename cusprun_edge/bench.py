@@ -287,7 +287,6 @@ class BenchStage(Stage):
 
     name = "bench"
     depends = ("export",)
-    modules = ("bench", "runtime")
 
     def config_keys(self):
         return ("threads", "quick_bench")

@@ -35,6 +35,15 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
     return out
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-tensor bars and notices are noise.
+    (Here, below both loaders: `models.load_model` hands expert directories to `load_expert`.)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -51,8 +60,6 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load an expert saved by `save_expert`; returns (model, tokenizer) like `load_model`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .models import quiet_transformers
 
     quiet_transformers()
     path = Path(path)

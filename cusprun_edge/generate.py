@@ -114,7 +114,6 @@ class GenerateStage(Stage):
 
     name = "generate"
     depends = ("export",)
-    modules = ("generate", "runtime")
 
     def config_keys(self):
         return ("expert", "prompts", "threads")

@@ -19,6 +19,7 @@ import torch
 
 from . import arch
 from .errors import UserError
+from .expert_io import load_expert, quiet_transformers
 from .fsutil import atomic_directory, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -225,8 +226,6 @@ def load_model(
             "pass a local directory, a .gguf file or an embedded model name"
         )
     if kind == "expert":
-        from .expert_io import load_expert
-
         return load_expert(where, dtype=dtype, device=device)
     if kind == "embedded":
         where = convert_gguf(EMBEDDED[where].locate())
@@ -236,14 +235,6 @@ def load_model(
         if kind == "hf-dir":
             _check_hf_dir(where, allow_pickle)
     return _from_pretrained(str(where), kind, trust_remote_code, allow_pickle, dtype, device)
-
-
-def quiet_transformers() -> None:
-    """Our own progress bars say what is happening; transformers' per-tensor bars and notices are noise."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

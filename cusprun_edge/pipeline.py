@@ -28,7 +28,6 @@ LOG_FILE = "build.log"
 
 class LoadStage(Stage):
     name = "load"
-    modules = ("models", "arch", "vocab")
 
     def config_keys(self):
         return ("model", "trust_remote_code", "allow_pickle")
@@ -45,7 +44,6 @@ class LoadStage(Stage):
 class ScoreStage(Stage):
     name = "score"
     depends = ("load",)
-    modules = ("score", "corpora", "arch")
     own_progress = True  # score_model draws its own bar (documents)
 
     def config_keys(self):
@@ -68,7 +66,6 @@ class ScoreStage(Stage):
 class PruneStage(Stage):
     name = "prune"
     depends = ("score",)
-    modules = ("methods", "prune", "reconstruct", "structure", "expert_io", "vocab", "arch", "search", "evaluate")
 
     def config_keys(self):
         return ("expert", "ratio", "method", "method_options", "prune_vocab", "max_ppl_ratio")
@@ -144,7 +141,6 @@ def _search_ratio(ctx, model, tok, scores, corpora) -> tuple[dict, tuple]:
 class ExportStage(Stage):
     name = "export"
     depends = ("prune",)
-    modules = ("export", "targets", "arch", "vocab", "expert_io", "structure", "corpora")
 
     def config_keys(self):
         return ("target", "precision")

@@ -725,7 +725,6 @@ class ReportStage(Stage):
 
     name = "report"
     depends = ("validate", "bench", "generate")
-    modules = ("report",)
 
     def config_keys(self):
         return ()

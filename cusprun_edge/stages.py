@@ -2,13 +2,15 @@
 
 Stages (in their own modules) import this module only; `pipeline.py` composes them. A stage's
 fingerprint covers its config keys, its upstream stages' fingerprints, the tool version and a hash of
-the source of the modules it runs, so a stage re-runs when its code changed (and every stage after it,
-through the upstream fingerprints).
+the code it runs, found from its imports (`stage_code`), so a stage re-runs when that code changed (and
+every stage after it, through the upstream fingerprints).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -81,36 +83,164 @@ class BuildContext:
         return self._model
 
 
-def _module_files(module: str) -> list[Path]:
-    """The source files of `cusprun_edge.<module>`: one .py, or every .py of a subpackage."""
-    package = PACKAGE_DIR / module
-    if package.is_dir():
-        return sorted(package.rglob("*.py"))
-    single = PACKAGE_DIR / f"{module}.py"
-    return [single] if single.is_file() else []
+# --------------------------------------------------------------------------- the code a stage runs
+#
+# A stage's fingerprint hashes the source it runs, found from its imports rather than kept by hand (a
+# hand list once forgot damage.py, and a changed prune was silently skipped). From the stage class, the
+# statements of its own module that it reaches by name, then every package module those import, every
+# module those import, and so on, counting imports inside functions and relative imports.
+
+
+def package_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
+    """Dotted name -> source file of every module of the package at `package_dir` (`x/__init__.py` is `x`)."""
+    modules = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = path.relative_to(package_dir.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
 
 
 @lru_cache(maxsize=None)
-def _file_digest(path: Path, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[str, ast.Module, list]:
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text, filename=str(path))
+    return text, tree, _import_nodes(tree.body)
 
 
-def code_hash(modules: tuple[str, ...]) -> str:
-    """sha256 over the source of `modules` (names inside this package), in a stable order."""
-    digest = hashlib.sha256()
-    for module in sorted(modules):
-        for path in _module_files(module):
-            st = path.stat()
-            digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
-            digest.update(_file_digest(path, st.st_mtime_ns, st.st_size).encode())
-    return digest.hexdigest()[:16]
+def _parse(path: Path) -> tuple[str, ast.Module, list]:
+    """A file's text, syntax tree and every import statement in it (cached until the file changes)."""
+    return _parsed(path, *_stat(path))
+
+
+def _import_nodes(stmts) -> list:
+    return [n for top in stmts for n in ast.walk(top) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def _imported(imports: list, module: str, is_package: bool, modules: dict[str, Path]) -> set[str]:
+    """The package modules that the import statements `imports` of `module` import."""
+    found = set()
+
+    def nearest(name: str) -> str | None:  # `from .export import export_model` imports the package export
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    for node in imports:
+        if isinstance(node, ast.Import):
+            found.update(nearest(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = (module if is_package else module.rpartition(".")[0]).split(".")
+                if node.level - 1 >= len(parts):
+                    continue
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:  # `from . import arch` imports the module arch
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in modules else nearest(base))
+    found.discard(None)
+    found.discard(module)
+    return found
+
+
+def import_graph(package_dir: Path = PACKAGE_DIR) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its source (functions included)."""
+    modules = package_modules(package_dir)
+    graph = _graph(tuple((name, path, *_stat(path)) for name, path in modules.items()))
+    return {name: set(deps) for name, deps in graph.items()}
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=8)
+def _graph(files: tuple) -> dict[str, set[str]]:  # keyed by every file's stat: recomputed after an edit
+    modules = {name: path for name, path, *_ in files}
+    return {name: _imported(_parse(path)[2], name, path.name == "__init__.py", modules)
+            for name, path in modules.items()}
+
+
+def _reached(tree: ast.Module, qualname: str) -> list[ast.stmt]:
+    """The top-level statements of a module that the class `qualname` reaches: itself, the functions,
+    classes and assignments it names (transitively), and the module's imports and other statements."""
+    defined: dict[str, list[ast.stmt]] = {}
+    always = []
+    for i, stmt in enumerate(tree.body):
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.setdefault(stmt.name, []).append(stmt)
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defined.setdefault(name.id, []).append(stmt)
+        elif not (i == 0 and isinstance(stmt, ast.Expr)):  # the docstring runs nothing
+            always.append(stmt)
+    todo = [*always, *defined.get(qualname.split(".")[0], [])]
+    seen: dict[int, ast.stmt] = {}
+    while todo:
+        stmt = todo.pop()
+        if id(stmt) in seen:
+            continue
+        seen[id(stmt)] = stmt
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name):
+                todo.extend(defined.get(node.id, []))
+    return sorted(seen.values(), key=lambda s: s.lineno)
+
+
+def _source_of(text: str, stmts: list[ast.stmt]) -> str:
+    lines = text.splitlines()
+    spans = []
+    for stmt in stmts:
+        first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", []))])
+        spans.append("\n".join(lines[first - 1: stmt.end_lineno]))
+    return "\n".join(spans)
+
+
+@lru_cache(maxsize=None)
+def _own_code(path: Path, mtime_ns: int, size: int, qualname: str) -> tuple[list, str]:
+    """The import statements and the source of what the class `qualname` reaches in its own module."""
+    text, tree, _ = _parsed(path, mtime_ns, size)
+    stmts = _reached(tree, qualname)
+    return _import_nodes(stmts), _source_of(text, stmts)
+
+
+def stage_code(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
+    """The code `stage_cls` runs: {file: sha256}, its own module's reached statements under their file's
+    name, and every package module they import transitively."""
+    modules = package_modules(package_dir)
+    own = stage_cls.__module__
+    own_path = modules.get(own) or Path(inspect.getsourcefile(stage_cls))  # a stage from outside the package
+    imports, own_source = _own_code(own_path, *_stat(own_path), stage_cls.__qualname__)
+    graph = import_graph(package_dir)
+    todo = list(_imported(imports, own, own_path.name == "__init__.py", modules))
+    closure: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in closure:
+            closure.add(name)
+            todo.extend(graph[name])
+    closure.discard(own)  # its own module counts by what the stage reaches of it, hashed below
+    base = package_dir.parent
+    code = {modules[m].relative_to(base).as_posix(): hashlib.sha256(_parse(modules[m])[0].encode()).hexdigest()
+            for m in closure}
+    key = own_path.relative_to(base).as_posix() if own in modules else own_path.name
+    code[key] = hashlib.sha256(own_source.encode()).hexdigest()
+    return dict(sorted(code.items()))
+
+
+def code_hash(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> str:
+    """sha256 over the code `stage_cls` runs (`stage_code`), in a stable order."""
+    return hashlib.sha256(json.dumps(stage_code(stage_cls, package_dir)).encode()).hexdigest()[:16]
 
 
 class Stage:
     name: str = ""
     depends: tuple[str, ...] = ()
-    # the package modules whose code decides this stage's output: a change to any re-runs the stage
-    modules: tuple[str, ...] = ()
     # a stage that draws its own progress bar (scoring); the CLI then shows none for it
     own_progress: bool = False
 
@@ -122,8 +252,12 @@ class Stage:
         parts = {k: cfg[k] for k in self.config_keys()}
         parts["upstream"] = [ctx.fingerprints[d] for d in self.depends]
         parts["version"] = __version__
-        parts["code"] = code_hash(tuple(self.modules))
+        parts["code"] = code_hash(type(self))
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def code_modules(self) -> list[str]:
+        """The source files whose code this stage runs (its fingerprint hashes them)."""
+        return list(stage_code(type(self)))
 
     def run(self, ctx: BuildContext, work: Path) -> dict:
         raise NotImplementedError

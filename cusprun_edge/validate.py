@@ -289,7 +289,6 @@ class ValidateStage(Stage):
 
     name = "validate"
     depends = ("export",)
-    modules = ("validate", "evaluate", "runtime", "corpora")
 
     def config_keys(self):
         return ("expert",)

@@ -104,7 +104,7 @@ def test_stages_import_no_cycle():
         assert "from .pipeline" not in text and "import pipeline" not in text, name
     names = [s.name for s in pipeline.STAGES]
     assert names == ["load", "score", "prune", "export", "validate", "bench", "generate", "report"]
-    assert all(s.modules for s in pipeline.STAGES)  # every stage's code is in its fingerprint
+    assert all(s.code_modules() for s in pipeline.STAGES)  # every stage's code is in its fingerprint
 
 
 def test_cli_build_is_quiet_and_logs_libraries(tiny_builds, tiny_artifacts, tmp_path):  # noqa: F811
