@@ -22,6 +22,7 @@ def calib_root() -> Path:
     return Path(__file__).resolve().parent.parent / "calib"
 
 
+MIN_HELD_OUT_DOCS = 4  # a user's corpus smaller than this is all calibration, none held out
 TUNE_EVERY = 5  # every 5th calibration document is held apart from scoring, for choosing hyper-parameters
 
 
@@ -59,12 +60,15 @@ def _read_jsonl(path: Path, text_field: str | None = "text") -> list[dict]:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:  # its lineno counts within the line: name the file's line
+                    raise UserError(f"{path}:{lineno} is not valid JSON Lines ({exc.msg})") from None
+                if text_field and not isinstance(row, dict):
+                    raise UserError(f"{path}:{lineno} is not a JSON object with a '{text_field}' field")
                 if text_field and not isinstance(row.get(text_field), str):
                     raise UserError(f"{path}:{lineno} has no string field '{text_field}'")
                 rows.append(row)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno} is not valid JSON Lines ({exc.msg})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     return rows
@@ -105,20 +109,11 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise UserError(f"{path} has no .txt files")
-        texts = []
-        for f in files:
-            try:
-                texts.append(f.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                raise UserError(f"{f} is not UTF-8 text") from None
+        texts = [_read_text_file(f) for f in files]
     elif path.is_file() and path.suffix == ".jsonl":
         texts = [r[text_field] for r in _read_jsonl(path, text_field)]
     elif path.is_file() and path.suffix == ".txt":
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
-        texts = [t.strip() for t in raw.split("\n\n")]  # blank-line separated documents
+        texts = [t.strip() for t in _read_text_file(path).split("\n\n")]  # blank-line separated documents
     elif path.exists():
         texts = _datasets_texts(str(path), text_field, local=True)
     elif source.startswith((".", "/", "~")):
@@ -131,8 +126,21 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     return texts
 
 
+def _read_text_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    if "\x00" in text:  # a binary file (or one of NUL bytes only) decodes as UTF-8 but is no text
+        raise UserError(f"{path} is not a text file (it contains NUL bytes)")
+    return text
+
+
 def _datasets_texts(source: str, text_field: str, local: bool) -> list[str]:
     import datasets
+
+    datasets.disable_progress_bars()  # one line per problem on stderr: no "Generating train split" bar
+    datasets.logging.set_verbosity_error()
 
     try:
         if local:
@@ -156,7 +164,7 @@ def user_corpus(source: str, eval_fraction: float = 0.25) -> Corpus:
     """A user's corpus; the last quarter of its documents is held out for evaluation, and every
     TUNE_EVERY-th of the rest is held apart from scoring for tuning."""
     texts = read_texts(source)
-    n_eval = int(len(texts) * eval_fraction) if len(texts) >= 4 else 0
+    n_eval = int(len(texts) * eval_fraction) if len(texts) >= MIN_HELD_OUT_DOCS else 0
     cut = len(texts) - n_eval
     calib, tune = split_tune(texts[:cut])
     return Corpus(name=f"user:{source}", calib=calib, eval=texts[cut:], tune=tune)

@@ -163,15 +163,16 @@ def cache_state(name: str) -> str:
 # --------------------------------------------------------------------------- the loader
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory, a .gguf file or a model name")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    arch.spec_for_model_type(cfg.get("model_type", "<missing model_type>"))
+    _check_config(cfg_file)
     has_safetensors = any(path.glob("*.safetensors"))
     has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir())
     if not has_safetensors and has_pickle and not allow_pickle:
@@ -181,6 +182,24 @@ def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise UserError(f"{path} has no weights (*.safetensors); pass a complete model directory")
+
+
+def _check_config(cfg_file: Path) -> None:
+    """config.json must be a JSON object naming a supported model_type."""
+    if not cfg_file.is_file():
+        return
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{cfg_file} is not UTF-8 text") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_file} is not a model configuration (expected a JSON object)")
+    model_type = cfg.get("model_type", "<missing model_type>")
+    if not isinstance(model_type, str):
+        raise UserError(f"{cfg_file}: model_type must be a string, got {model_type!r}")
+    arch.spec_for_model_type(model_type)
 
 
 def resolve_source(source: str) -> tuple[str, Path | str]:
@@ -226,7 +245,13 @@ def load_model(
             "pass a local directory, a .gguf file or an embedded model name"
         )
     if kind == "expert":
-        return load_expert(where, dtype=dtype, device=device)
+        _check_config(where / "config.json")
+        try:
+            return load_expert(where, dtype=dtype, device=device)
+        except UserError:
+            raise
+        except Exception as exc:  # a truncated weight file, a config transformers cannot build: one line
+            raise UserError(f"could not load the expert {where}: {_first_line(exc)}; is it complete?") from None
     if kind == "embedded":
         where = convert_gguf(EMBEDDED[where].locate())
     elif kind == "gguf":
@@ -283,8 +308,10 @@ def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device
                 "if this machine is offline, pass a local directory, a .gguf file or an embedded model name"
             ) from None
         raise UserError(f"could not load {where}: {str(exc).splitlines()[0][:200]}") from None
-    except ValueError as exc:
-        raise UserError(f"could not load {where}: {str(exc).splitlines()[0][:200]}") from None
+    except UserError:
+        raise
+    except Exception as exc:  # truncated safetensors, bad config values, inconsistent shapes: one line
+        raise UserError(f"could not load {where}: {_first_line(exc)}") from None
     arch.spec_for(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -84,6 +84,16 @@ def read_manifest(artifact_dir) -> tuple[Path, dict]:
         raise UserError(f"{manifest_path} is not a manifest (expected a JSON object)")
     if not (path / MODEL_FILE).is_file():
         raise UserError(f"{path} has a manifest but no {MODEL_FILE}; the export is incomplete")
+    files = manifest.get("files")
+    for name, record in (files.items() if isinstance(files, dict) else ()):
+        if not name.startswith(MODEL_FILE):  # the graph and its weights: what a session would fail on
+            continue
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None:
+            raise UserError(f"{path} is incomplete: {name} is missing (its manifest lists it); export it again")
+        if isinstance(record, dict) and record.get("bytes") not in (None, size):
+            raise UserError(f"{path / name} has changed since the export ({size} bytes, the manifest says "
+                            f"{record['bytes']}); export it again")
     return path, manifest
 
 

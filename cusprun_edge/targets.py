@@ -193,6 +193,8 @@ def parse_profile(raw: dict, path: Path) -> TargetProfile:
 
 def load_profile(path) -> TargetProfile:
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        raise UserError(f"target profile {path} is a directory, not a .toml file")
     if not path.is_file():
         raise UserError(f"target profile {path} does not exist")
     try:
