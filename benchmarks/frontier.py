@@ -26,7 +26,7 @@ from cusprun_edge.export import export_model
 from cusprun_edge.prune import prune_model
 from cusprun_edge.runtime import OnnxCausalLM
 from cusprun_edge.score import ScoreSet, score_model
-from cusprun_edge.vocab import prune_vocab_for_corpora, vocab_held_out
+from cusprun_edge.vocab import trim_vocab_for_corpora, vocab_held_out
 from cusprun_edge.weights_read import weight_bytes_per_token
 
 from .common import RESULTS, machine, write_json
@@ -57,6 +57,14 @@ def _load(quick: bool) -> dict:
 
 def _onnx_ppl(artifact: Path, tok, texts: list[str]) -> float:
     return perplexity(OnnxCausalLM(artifact, threads=2).logits_fn, tok, texts, batch_size=4)
+
+
+def _per_dense_token(logits_fn, own_tok, dense_tok, texts: list[str]) -> float:
+    """A trimmed vocabulary's perplexity per dense token on the texts dense reads (first 512 dense tokens)."""
+    from cusprun_edge.evaluate import clip_to_tokens, text_quality
+
+    return text_quality(logits_fn, own_tok, clip_to_tokens(dense_tok, texts, 512), dense_tok,
+                        batch_size=4)["ppl_per_dense_token"]
 
 
 def _export(model, tok, dest: Path, expert: str | None = None) -> dict:
@@ -133,15 +141,20 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
                          "prune_seconds": rec["seconds"], "prune_peak_rss_mb": rec.get("peak_rss_mb"),
                          "reconstruction": {k: v for k, v in rec.get("reconstruction", {}).items()
                                             if isinstance(v, (str, int, float))}}
-                if vocab:
-                    calib = [t for c in corpora.values() for t in c.calib]
-                    v = prune_vocab_for_corpora(expert, tok, calib, held_out=vocab_held_out(corpora))
-                    point["vocab"] = {k: v[k] for k in ("vocab_before", "vocab_after", "coverage")}
-                point["fp32_ppl"] = perplexity(torch_logits_fn(expert), tok, texts)
                 dest = work / setting / f"{ratio:.2f}-{'vocab' if vocab else 'full'}"
-                manifest = _export(expert, tok, dest, FRONTIER_SETTINGS[setting])
+                if vocab:  # its own tokenizer: perplexity per dense token (evaluate.per_dense_token)
+                    calib = [t for c in corpora.values() for t in c.calib]
+                    etok, v = trim_vocab_for_corpora(expert, tok, calib, corpora=corpora,
+                                                     held_out=vocab_held_out(corpora))
+                    point["vocab"] = {k: v.get(k) for k in ("vocab_before", "vocab_after", "coverage")}
+                    point["fp32_ppl"] = _per_dense_token(torch_logits_fn(expert), etok, tok, texts)
+                    manifest = _export(expert, etok, dest, FRONTIER_SETTINGS[setting])
+                    point["int4_ppl"] = _per_dense_token(OnnxCausalLM(dest, threads=2).logits_fn, etok, tok, texts)
+                else:
+                    point["fp32_ppl"] = perplexity(torch_logits_fn(expert), tok, texts)
+                    manifest = _export(expert, tok, dest, FRONTIER_SETTINGS[setting])
+                    point["int4_ppl"] = _onnx_ppl(dest, tok, texts)
                 del expert
-                point["int4_ppl"] = _onnx_ppl(dest, tok, texts)
                 point["ppl_ratio"] = point["int4_ppl"] / dense["fp32_ppl"]
                 point["eight_bit"] = (manifest.get("quantization") or {}).get("eight_bit")
                 point["fallback"] = (manifest.get("quantization") or {}).get("fallback")

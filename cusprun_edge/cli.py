@@ -149,8 +149,9 @@ def prune(
     ratio: float = typer.Option(0.25, "--ratio", help="Fraction of non-embedding parameters to remove, in (0, 0.9]."),
     scores: Optional[Path] = typer.Option(None, "--scores", help="Score file from `score` (scored now if absent)."),
     option: list[str] = typer.Option([], "--option", help="Method recipe override KEY=VALUE (e.g. tau=1.0)."),
-    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also drop vocabulary rows the expert's corpora never use."),
-    vocab_keep_top: Optional[int] = typer.Option(None, "--vocab-keep-top", help="With --prune-vocab: keep the N lowest ids instead of every token in the calibration text's scripts (prunes harder, covers less)."),
+    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also trim the vocabulary to the expert's languages: its own tokenizer, embedding and lm_head rows removed."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", min=1, help="With --prune-vocab: keep this many tokens (default: the smallest size within --vocab-floor on held-apart documents)."),
+    vocab_floor: Optional[float] = typer.Option(None, "--vocab-floor", min=1.0, help="With --prune-vocab: the chosen size keeps held-apart perplexity per dense token within this factor of the untrimmed expert's (default 1.02)."),
     out: Path = typer.Option(..., "--out", "-o", help="Expert directory to write."),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST,
@@ -166,6 +167,8 @@ def prune(
 
     if not 0 < ratio <= 0.9:
         raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    if (vocab_size is not None or vocab_floor is not None) and not prune_vocab:
+        raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
     spec = get_method(method)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another --out or pass --force")
@@ -186,7 +189,7 @@ def prune(
     vocab_texts = [t for c in corpora.values() for t in c.calib] if prune_vocab else None
     rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=method_options,
                          extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
-                         vocab_keep_top=vocab_keep_top, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
+                         vocab_size=vocab_size, vocab_floor=vocab_floor, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
                          corpora=corpora, device=device)
     vocab = ""
     if prune_vocab:
@@ -253,8 +256,8 @@ def build(
     quick_bench: bool = typer.Option(False, "--quick-bench", help="Shorter benchmark (fewer tokens and repetitions)."),
     prompt: list[str] = typer.Option([], "--prompt", help="Your own prompt for dense and expert to answer in the "
                                                            "report (repeatable)."),
-    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also drop vocabulary rows in no script of the "
-                                     "expert's calibration text (the report gives held-out token coverage)."),
+    prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also trim the vocabulary to the expert's languages "
+                                     "(its own tokenizer; the size is chosen on held-apart documents)."),
     max_ppl_ratio: Optional[float] = typer.Option(
         None, "--max-ppl-ratio", help="Search the largest ratio whose perplexity on calibration documents held apart "
         "from scoring stays within this factor of dense (e.g. 1.2); --ratio is then ignored."),

@@ -51,14 +51,60 @@ def agreement_sums(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor) ->
     return agree, kl, int(valid.sum())
 
 
-def perplexity(logits_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: int = 8,
-               max_length: int = 512) -> float:
-    """Corpus perplexity: exp of the mean next-token NLL over all real tokens."""
+def nll_total(logits_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: int = 8,
+              max_length: int = 512) -> tuple[float, int]:
+    """Summed next-token NLL over all real tokens of `texts`, and how many tokens that was."""
     nll, count = 0.0, 0
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
         s, n = nll_sum(logits_fn(ids, mask), ids, mask)
         nll, count = nll + s, count + n
+    return nll, count
+
+
+def perplexity(logits_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: int = 8,
+               max_length: int = 512) -> float:
+    """Corpus perplexity: exp of the mean next-token NLL over all real tokens."""
+    nll, count = nll_total(logits_fn, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     return math.exp(nll / max(1, count))
+
+
+# Perplexity across vocabularies. A trimmed vocabulary splits some words into more tokens, and a per-token
+# perplexity over more, easier tokens looks better than it is. Every place that compares models whose
+# tokenizers differ divides the total NLL of the same text by the tokens the dense tokenizer uses on it.
+
+
+def per_dense_token(nll: float, dense_tokens: int, text_bytes: int | None = None) -> dict:
+    """exp(total NLL / dense tokens of the same text), and bits per UTF-8 byte of it: the one definition."""
+    return {"ppl_per_dense_token": math.exp(nll / max(1, dense_tokens)),
+            "bits_per_byte": nll / math.log(2) / text_bytes if text_bytes else None}
+
+
+def predicted_tokens(tokenizer, texts: list[str]) -> int:
+    """Next-token predictions a model makes on `texts` with `tokenizer` (what `nll_sum` counts)."""
+    return sum(max(0, len(ids) - 1) for ids in tokenizer(list(texts))["input_ids"]) if texts else 0
+
+
+def clip_to_tokens(tokenizer, texts: list[str], max_tokens: int) -> list[str]:
+    """Each text cut where its first `max_tokens` tokens (special ones included) end, so models with other
+    tokenizers can be scored on exactly the same text."""
+    extra = len(tokenizer("")["input_ids"])  # the bos a tokenizer adds
+    out = []
+    for text in texts:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        limit = max(1, max_tokens - extra)
+        out.append(text if len(enc["input_ids"]) <= limit else text[:enc["offset_mapping"][limit - 1][1]])
+    return out
+
+
+def text_quality(logits_fn: LogitsFn, tokenizer, texts: list[str], dense_tokenizer, *, batch_size: int = 8,
+                 max_length: int = 2048) -> dict:
+    """NLL of `texts` (clip them first: nothing may be truncated) with the model's own `tokenizer`, its own
+    per-token perplexity, and perplexity per dense token and bits per byte (`per_dense_token`)."""
+    nll, tokens = nll_total(logits_fn, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    dense = predicted_tokens(dense_tokenizer, texts)
+    return {"nll": nll, "tokens": tokens, "dense_tokens": dense, "bytes": text_bytes,
+            "ppl": math.exp(nll / max(1, tokens)), **per_dense_token(nll, dense, text_bytes)}
 
 
 def _right_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -175,18 +175,27 @@ def _reconstruct(model, plan: Plan, spec, tokenizer, corpora, device) -> dict:
 
 def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: Path, *, options=None,
                    extra: dict | None = None, force: bool = False, vocab_texts: list[str] | None = None,
-                   vocab_keep_top: int | None = None, vocab_held_out: dict | None = None,
-                   corpora: dict | None = None, device=None, pruned_record: dict | None = None) -> dict:
-    """Prune (refitting on `corpora` when the recipe reconstructs), optionally drop vocabulary rows unseen in
-    `vocab_texts` (the expert's calibration text), and save the expert. `pruned_record`: `model` is already
-    pruned (prune_model's record, e.g. the ratio search's last passing probe); only the rest is done."""
+                   vocab_size: int | None = None, vocab_floor: float | None = None,
+                   vocab_held_out: dict | None = None, corpora: dict | None = None, device=None,
+                   pruned_record: dict | None = None) -> dict:
+    """Prune (refitting on `corpora` when the recipe reconstructs), optionally trim the vocabulary to what
+    `vocab_texts` (the expert's calibration text) and its languages need (vocab.py: `vocab_size` tokens, or the
+    smallest within `vocab_floor` on the corpora's tune documents), and save the expert with its own tokenizer.
+    `pruned_record`: `model` is already pruned (prune_model's record, e.g. the ratio search's last passing
+    probe); only the rest is done."""
+    rule = None
+    if vocab_texts is not None:  # its bad input is refused before the prune's minutes
+        from .vocab import vocab_rule
+
+        rule = vocab_rule(tokenizer, vocab_texts, corpora, vocab_size)
     record = pruned_record if pruned_record is not None else prune_model(
         model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora, device=device)
     if vocab_texts is not None:
-        from .vocab import prune_vocab_for_corpora
+        from .vocab import DEFAULT_FLOOR, trim_vocab_for_corpora
 
-        record["vocab"] = prune_vocab_for_corpora(model, tokenizer, vocab_texts, keep_top=vocab_keep_top,
-                                                  held_out=vocab_held_out)
+        tokenizer, record["vocab"] = trim_vocab_for_corpora(
+            model, tokenizer, vocab_texts, corpora=corpora, size=vocab_size,
+            floor=DEFAULT_FLOOR if vocab_floor is None else vocab_floor, held_out=vocab_held_out, rule=rule)
         record["params_after"] = count_params(model)
     record.update({"tool": f"cusprun-edge {__version__}", "corpora": corpus_names, **(extra or {})})
     if scores is not None:

@@ -83,6 +83,25 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
+def _trimmed_from(dense, expert) -> bool:
+    """The expert's tokenizer is a trimmed vocabulary of the dense one (vocab.py): its tokens, fewer, new ids."""
+    return len(expert) < len(dense) and set(expert.get_vocab()) <= set(dense.get_vocab())
+
+
+def compare_trimmed(ref_fn, test_fn, tokenizer, test_tokenizer, texts: list[str], *, batch_size: int = 4,
+                    max_length: int = 512, test_max_length: int = 2048) -> dict:
+    """`compare_texts`' sums for an expert with a trimmed vocabulary: each model reads the same text (cut where
+    the dense tokenizer's first `max_length` tokens end) with its own tokenizer; `tokens` counts the dense
+    tokens, so both perplexities are per dense token. Agreement and KL need the same positions: none here."""
+    from .evaluate import clip_to_tokens, text_quality
+
+    clipped = clip_to_tokens(tokenizer, texts, max_length)
+    ref = text_quality(ref_fn, tokenizer, clipped, tokenizer, batch_size=batch_size, max_length=max_length)
+    test = text_quality(test_fn, test_tokenizer, clipped, tokenizer, batch_size=batch_size, max_length=test_max_length)
+    return {"ref_nll": ref["nll"], "test_nll": test["nll"], "tokens": ref["dense_tokens"],
+            "test_tokens": test["tokens"], "bytes": ref["bytes"], "agree": 0, "kl": 0.0, "positions": 0}
+
+
 # --------------------------------------------------------------------------- measures
 
 
@@ -128,9 +147,16 @@ def _mc_count(logits_fn, tokenizer, items) -> int:
 
 def _summary(sums: dict, mc: tuple[int, int, int]) -> dict:
     """Per-model figures, retention, agreement and KL from summed counts (pooled the same way)."""
+    from .evaluate import per_dense_token
+
     correct_dense, correct_expert, n_mc = mc
     dense, expert, retention = {}, {}, {}
-    if sums["tokens"]:
+    if sums["tokens"] and "test_tokens" in sums:  # a trimmed vocabulary: per dense token, the fair measure
+        for side, key, tokens in ((dense, "ref_nll", sums["tokens"]), (expert, "test_nll", sums["test_tokens"])):
+            side.update(ppl=_ppl(sums[key], tokens), tokens=tokens,
+                        **per_dense_token(sums[key], sums["tokens"], sums["bytes"]))
+        retention["ppl"] = dense["ppl_per_dense_token"] / expert["ppl_per_dense_token"]
+    elif sums["tokens"]:
         dense["ppl"] = _ppl(sums["ref_nll"], sums["tokens"])
         expert["ppl"] = _ppl(sums["test_nll"], sums["tokens"])
         retention["ppl"] = dense["ppl"] / expert["ppl"]
@@ -202,11 +228,14 @@ def validate(
     from transformers import AutoTokenizer
 
     expert_tok = AutoTokenizer.from_pretrained(str(expert_dir))
-    if not _same_tokenizer(tokenizer, expert_tok):
+    trimmed = not _same_tokenizer(tokenizer, expert_tok) and _trimmed_from(tokenizer, expert_tok)
+    if not trimmed and not _same_tokenizer(tokenizer, expert_tok):
         raise UserError(f"the expert in {expert_dir} uses a different tokenizer than the dense model "
                         f"({len(expert_tok)} vs {len(tokenizer)} tokens); is it derived from this model?")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if expert_tok.pad_token_id is None:
+        expert_tok.pad_token = expert_tok.eos_token
 
     expert_rt = OnnxCausalLM(expert_dir, provider=provider, threads=threads)
     expert_fn = expert_rt.logits_fn
@@ -228,13 +257,21 @@ def validate(
         quantized_fn = quantized_rt.logits_fn
         max_length = min(max_length, quantized_rt.context_length or max_length)
     categories = {}
-    totals = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
-    quantized_totals = dict.fromkeys(totals, 0)
+    shared = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+    totals = {**shared, **({"test_tokens": 0, "bytes": 0} if trimmed else {})}
+    quantized_totals = dict.fromkeys(shared, 0)
     mc_totals = [0, 0, 0]
     for name, data in sets.items():
-        sums = compare_texts(dense_fn, expert_fn, tokenizer, data["texts"], batch_size=batch_size,
-                             max_length=max_length) if data["texts"] else dict.fromkeys(totals, 0)
-        mc = (_mc_count(dense_fn, tokenizer, data["mc"]), _mc_count(expert_fn, tokenizer, data["mc"]), len(data["mc"]))
+        if not data["texts"]:
+            sums = dict.fromkeys(totals, 0)
+        elif trimmed:
+            sums = compare_trimmed(dense_fn, expert_fn, tokenizer, expert_tok, data["texts"], batch_size=batch_size,
+                                   max_length=max_length, test_max_length=expert_rt.context_length or 4 * max_length)
+        else:
+            sums = compare_texts(dense_fn, expert_fn, tokenizer, data["texts"], batch_size=batch_size,
+                                 max_length=max_length)
+        mc = (_mc_count(dense_fn, tokenizer, data["mc"]), _mc_count(expert_fn, expert_tok, data["mc"]),
+              len(data["mc"]))
         for k in totals:
             totals[k] += sums[k]
         for i in range(3):
@@ -258,7 +295,8 @@ def validate(
         "expert": {"artifact": str(expert_dir), "runtime": "onnxruntime", "provider": expert_rt.active_providers[0],
                    "precision": manifest.get("precision"), "pruned": manifest.get("pruned")},
         "categories": categories,
-        "overall": _summary(totals, tuple(mc_totals)),
+        "overall": {**_summary(totals, tuple(mc_totals)),
+                    **({"vocabulary": {"dense": len(tokenizer), "expert": len(expert_tok)}} if trimmed else {})},
         "settings": {"max_length": max_length, "batch_size": batch_size, "max_docs": max_docs, "max_mc": max_mc,
                      "held_out_only": True},
         "seconds": round(time.time() - t0, 2),
@@ -275,6 +313,8 @@ def three_way(expert_sums: dict, quantized_sums: dict) -> dict:
     """Perplexity, top-1 agreement and KL against the dense model in PyTorch fp32 of: the dense model
     itself, its export at the target precision, the expert's export at the target precision."""
     def row(sums, ppl_key):
+        if not sums["positions"]:  # a trimmed vocabulary shares no positions with dense; its ppl is per dense token
+            return {"ppl": _ppl(sums[ppl_key], sums["tokens"]), "top1_agreement": None, "kl": None}
         return {"ppl": _ppl(sums[ppl_key], sums["tokens"]),
                 "top1_agreement": sums["agree"] / max(1, sums["positions"]),
                 "kl": max(0.0, sums["kl"] / max(1, sums["positions"]))}
