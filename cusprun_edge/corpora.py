@@ -1,7 +1,7 @@
-"""Calibration and evaluation corpora: the built-in ones under calib/, a user's own, and expert specs.
+"""Calibration and evaluation corpora: the built-in ones (package data), a user's own, and expert specs.
 
 An expert is named by up to three dimensions, e.g. `language=fr,domain=medical,task=qa`. Each value is
-a built-in category (calib/<dimension>/<category>.jsonl) or a path to the user's own data (a folder of
+a built-in category (data/calib/<dimension>/<category>.jsonl) or a path to the user's own data (a folder of
 .txt files, a .jsonl with a text field, or a `datasets` source).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
@@ -19,7 +20,8 @@ ALIASES = {"summarisation": "summarization", "mc": "multiple-choice", "code_comp
 
 
 def calib_root() -> Path:
-    return Path(__file__).resolve().parent.parent / "calib"
+    """The built-in corpora and prompts: package data, so an installed wheel has them too."""
+    return Path(str(resources.files(__package__) / "data" / "calib"))
 
 
 MIN_HELD_OUT_DOCS = 4  # a user's corpus smaller than this is all calibration, none held out

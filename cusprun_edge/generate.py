@@ -1,7 +1,7 @@
 """Generate stage: the dense and the expert artifacts continue the same prompts, greedily, through
 onnxruntime_genai (the runtime a device app uses), with tokens/s of each.
 
-The prompts are a fixed list per built-in category (`calib/prompts.json`, written for this project)
+The prompts are a fixed list per built-in category (`data/calib/prompts.json`, written for this project)
 for the expert's own language, domain and task, plus the user's own (`build --prompt`).
 """
 

@@ -1,4 +1,4 @@
-"""Target profiles: what an edge device runs, as data (one TOML file per device in `targets/`).
+"""Target profiles: what an edge device runs, as data (one TOML file per device in `data/targets/`).
 
 A profile names the ONNX Runtime execution providers to try (in order, with their options), the
 precisions the device handles well and its default, the ONNX opset its runtime accepts, the sequence
@@ -210,10 +210,10 @@ def load_profile(path) -> TargetProfile:
 
 
 def builtin_dirs() -> list[Path]:
-    """Where built-in profiles live: inside the package when installed from a wheel that ships them,
-    else `targets/` at the repository root (source checkout, editable install)."""
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "targets", here.parent / "targets") if d.is_dir()]
+    """Where built-in profiles live: package data (`cusprun_edge/data/targets`), in a checkout and a wheel."""
+    from importlib import resources
+
+    return [Path(str(resources.files(__package__) / "data" / "targets"))]
 
 
 def list_targets() -> list[TargetProfile]:

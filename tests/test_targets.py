@@ -133,7 +133,7 @@ def test_unknown_target_lists_the_names():
 
 
 def test_accuracy_level_is_recorded_per_target():
-    """int4/int8 MatMulNBits accuracy_level, chosen by measurement (see the comments in targets/*.toml)."""
+    """int4/int8 MatMulNBits accuracy_level, chosen by measurement (see the comments in cusprun_edge/data/targets/*.toml)."""
     for profile in list_targets():
         assert profile.accuracy_level == 4, profile.name
         assert profile.to_dict()["accuracy_level"] == 4
