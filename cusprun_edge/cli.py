@@ -157,8 +157,10 @@ def prune(
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
     device: str = typer.Option("cpu", "--device", help="Where the reconstruction runs, one layer at a time: cpu, cuda, cuda:1."),
+    hf_compat: bool = typer.Option(False, "--hf-compat", help="Also write <out>/hf-compat: a copy zero-padded to the dense widths that stock transformers loads without trust_remote_code. Exact, but it saves nothing: as large and as slow as the dense model."),
 ):
-    """Remove units for real and save the expert as a Hugging Face directory."""
+    """Remove units for real and save the expert as a Hugging Face directory (transformers loads it with
+    trust_remote_code=True through the modeling file it carries; --hf-compat adds a copy that needs none)."""
     from .corpora import ExpertSpec
     from .methods import get_method
     from .prune import prune_and_save
@@ -191,6 +193,13 @@ def prune(
                          extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
                          vocab_size=vocab_size, vocab_floor=vocab_floor, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
                          corpora=corpora, device=device)
+    if hf_compat:
+        from .expert_io import HF_COMPAT_DIR, write_hf_compat
+
+        try:
+            write_hf_compat(out, out / HF_COMPAT_DIR)
+        except UserError as exc:
+            raise UserError(f"{exc} (the expert itself was written to {out})") from None
     vocab = ""
     if prune_vocab:
         v = rec["vocab"]

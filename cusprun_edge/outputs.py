@@ -81,11 +81,16 @@ SCORES = Owner("a cusprun-edge score file", lambda p: p.is_file() and _is_score_
 # what `save_expert` writes: the model and tokenizer (transformers' names) and its own record
 _EXPERT_NAMES = ("config.json", "generation_config.json", "cusprun.json", "chat_template.jinja", "chat_template.json",
                  "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.json",
-                 "tokenizer_config.json", "tokenizer.model", "model.safetensors.index.json")
+                 "tokenizer_config.json", "tokenizer.model", "model.safetensors.index.json",
+                 "modeling_cusprun.py")  # expert_io.REMOTE_CODE_FILE: transformers' trust_remote_code loader
 
 
 def _expert_files(path: Path) -> set[str]:
-    return {p.name for p in path.iterdir() if p.is_file() and (p.name in _EXPERT_NAMES or p.suffix == ".safetensors")}
+    own = {p.name for p in path.iterdir() if p.is_file() and (p.name in _EXPERT_NAMES or p.suffix == ".safetensors")}
+    compat = path / "hf-compat"  # the zero-padded copy `prune --hf-compat` writes inside (expert_io.HF_COMPAT_DIR)
+    if (compat / "cusprun-hf-compat.json").is_file() and not compat.is_symlink():
+        own |= {f"hf-compat/{name}" for name in _expert_files(compat) | {"cusprun-hf-compat.json"}}
+    return own
 
 
 EXPERT = Owner("an expert directory (cusprun.json)", lambda p: (p / "cusprun.json").is_file(), _expert_files)
