@@ -26,6 +26,9 @@ EXPERT = typer.Option("language=en,domain=general", "--expert", "-e",
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow model code from the model's repository to run.")
 PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle checkpoints (.bin/.pt): only for sources you trust.")
 FORCE = typer.Option(False, "--force", help="Replace the output if it exists.")
+QUANT_PLAN = typer.Option("exact", "--quant-plan",
+                          help="int4 plan: 'exact' (GGUF grids kept exactly, 8-bit lm_head: closest to fp32) or 'fast' "
+                               "(plain 4-bit forms ONNX Runtime runs fastest, every weight rounded GPTQ-style).")
 
 
 def _options(items: list[str]) -> dict:
@@ -59,6 +62,23 @@ def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _corpus_paths(spec) -> list[str]:
+    """The expert's values that are paths (a user's corpus): an output may not be written inside one."""
+    return [v for v in (spec.dims.values() if spec else ()) if Path(v).expanduser().exists()]
+
+
+def _check_held_out(corpora: dict) -> None:
+    """A build validates on held-out documents: refuse up front corpora that have none (not after the export)."""
+    from .corpora import MIN_HELD_OUT_DOCS
+
+    if any(c.eval for c in corpora.values()):
+        return
+    mine = [name.removeprefix("user:") for name in corpora if name.startswith("user:")]
+    hint = (f"a corpus of your own ({', '.join(mine)}) needs at least {MIN_HELD_OUT_DOCS} documents, a quarter of "
+            "them held out" if mine else "add a built-in category")
+    raise UserError(f"the expert's corpora have no held-out documents to validate on; {hint}")
 
 
 def _load(model: str, trust_remote_code: bool, allow_pickle: bool):
@@ -122,22 +142,33 @@ def score(
     expert: str = EXPERT,
     all_corpora: bool = typer.Option(False, "--all", help="Score every built-in corpus (serves any expert later)."),
     out: Path = typer.Option(Path("scores.safetensors"), "--out", "-o"),
+    force: bool = FORCE,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, or auto (accelerate device map)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_length: int = typer.Option(512, "--max-length"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=2),
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
 ):
     """Score every prunable unit on the expert's calibration corpora (one pass serves every method)."""
+    from . import outputs
     from .corpora import ExpertSpec, all_builtin_corpora
     from .score import score_model
 
-    corpora = all_builtin_corpora() if all_corpora else ExpertSpec.parse(expert).corpora()
+    spec = None if all_corpora else ExpertSpec.parse(expert)
+    out = outputs.check_output(out, kind="file", force=force, owner=outputs.SCORES,
+                               inputs=[model, *_corpus_paths(spec)])
+    corpora = all_builtin_corpora() if all_corpora else spec.corpora()
     from .models import load_model
 
+    outputs.on_interrupt(f"nothing was written to {out}")
     m, tok = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     scores = score_model(m, tok, corpora, batch_size=batch_size, max_length=max_length)
-    scores.save(out)
+    with outputs.write_file(out) as path:
+        try:
+            scores.save(path)
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise UserError(f"cannot write {out}: {str(exc).strip().splitlines()[0][:200]}; nothing was written") \
+                from None
     typer.echo(f"scored {len(corpora)} corpora in {scores.meta['seconds']:.1f} s -> {out}")
 
 
@@ -161,6 +192,7 @@ def prune(
 ):
     """Remove units for real and save the expert as a Hugging Face directory (transformers loads it with
     trust_remote_code=True through the modeling file it carries; --hf-compat adds a copy that needs none)."""
+    from . import outputs
     from .corpora import ExpertSpec
     from .methods import get_method
     from .prune import prune_and_save
@@ -172,25 +204,23 @@ def prune(
     if (vocab_size is not None or vocab_floor is not None) and not prune_vocab:
         raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
     spec = get_method(method)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force")
-    if scores is not None and not scores.exists():
-        raise UserError(f"no score file at {scores}; run `cusprun-edge score` first")
-    if force:
-        from .expert_io import EXPERT_MARKER
-        from .fsutil import check_replaceable
-
-        check_replaceable(out, EXPERT_MARKER, "an expert directory")
+    expert_spec = ExpertSpec.parse(expert)
+    out = outputs.check_output(out, kind="dir", force=force, owner=outputs.EXPERT,
+                               inputs=[model, scores, *_corpus_paths(expert_spec)])
+    if scores is not None and not scores.is_file():
+        raise UserError(f"no score file at {scores}; run `cusprun-edge score` first" if not scores.exists()
+                        else f"--scores {scores} is a directory; pass the score file `cusprun-edge score` wrote")
     method_options = _options(option)
     _check_options(method, method_options)
-    corpora = ExpertSpec.parse(expert).corpora()
+    corpora = expert_spec.corpora()
+    outputs.on_interrupt(f"nothing was written to {out}")
     m, tok = _load(model, trust_remote_code, allow_pickle)
     score_set = None
     if spec.needs_data:
         score_set = ScoreSet.load(scores) if scores else score_model(m, tok, corpora)
     vocab_texts = [t for c in corpora.values() for t in c.calib] if prune_vocab else None
     rec = prune_and_save(m, tok, score_set, list(corpora), method, ratio, out, options=method_options,
-                         extra={"expert": expert, "base_model": model}, force=force, vocab_texts=vocab_texts,
+                         extra={"expert": expert, "base_model": model}, force=force or out.is_dir(), vocab_texts=vocab_texts,
                          vocab_size=vocab_size, vocab_floor=vocab_floor, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
                          corpora=corpora, device=device)
     if hf_compat:
@@ -214,41 +244,51 @@ def export(
     model: str = MODEL,
     target: str = typer.Option("x86-cpu", "--target", "-t", help="Profile name or path to a profile .toml."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, int8, int4 (default: the target's)."),
+    quant_plan: str = QUANT_PLAN,
     out: Path = typer.Option(..., "--out", "-o"),
     force: bool = FORCE,
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own log output."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (ONNX Runtime, per target) or gguf (llama.cpp: one "
+                            "model.gguf, per-layer widths, the source GGUF's intact blocks copied)."),
+    gguf_type: str = typer.Option("q8_0", "--gguf-type", help="With --format gguf: the type of weights pruning "
+                                  "changed (q8_0, q4_0, q4_1, f16, f32)."),
 ):
-    """Compile a model or expert to ONNX artifacts for a target, with a parity gate and manifest."""
-    import os
-    import shutil
-    import tempfile
+    """Compile a model or expert to ONNX artifacts for a target (or to GGUF for llama.cpp), with a manifest."""
+    if fmt not in ("onnx", "gguf"):
+        raise UserError(f"--format must be onnx or gguf, got '{fmt}'")
+    if fmt == "gguf":
+        from .export.gguf import export_gguf_source, summary_line
 
+        manifest = export_gguf_source(model, out, requant=gguf_type, force=force,
+                                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        typer.echo(f"exported {summary_line(manifest)} -> {out}")
+        return
+    import shutil
+
+    from . import outputs
     from .console import captured, show_library_logs
     from .export import export_model
     from .targets import resolve_target
 
     profile = resolve_target(target)
     _check_precision(profile, precision)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force")
+    out = outputs.check_output(out, kind="dir", force=force, owner=outputs.EXPORT,
+                               inputs=[model, profile.path or None])
+    outputs.on_interrupt(f"nothing was written to {out}")
+    replace = force or out.is_dir()  # checked above: an empty directory, or our own export with --force
     if verbose:
         show_library_logs()
         m, tok = _load(model, trust_remote_code, allow_pickle)
-        manifest = export_model(m, tok, profile, out, precision=precision, force=force)
-    else:  # library output goes to OUT/export.log (in a temporary file while the export is written)
-        fd, name = tempfile.mkstemp(prefix="cusprun-export-", suffix=".log")
-        os.close(fd)
-        log = Path(name)
-        try:
-            with captured(log):
+        manifest = export_model(m, tok, profile, out, precision=precision, force=replace, quant_plan=quant_plan)
+    else:  # library output goes to OUT/export.log (written in OUT's staging directory meanwhile)
+        with outputs.staging(out) as stage:
+            with captured(stage.path):
                 m, tok = _load(model, trust_remote_code, allow_pickle)
-                manifest = export_model(m, tok, profile, out, precision=precision, force=force)
-        except BaseException:
-            log.unlink(missing_ok=True)
-            raise
-        shutil.move(str(log), out / "export.log")
+                manifest = export_model(m, tok, profile, out, precision=precision, force=replace,
+                                        quant_plan=quant_plan)
+            shutil.move(str(stage.path), out / "export.log")
     typer.echo(f"exported {manifest.get('precision')} for {profile.name} -> {out}")
 
 
@@ -260,6 +300,7 @@ def build(
     ratio: float = typer.Option(0.25, "--ratio"),
     method: str = typer.Option("cusprun", "--method"),
     precision: Optional[str] = typer.Option(None, "--precision"),
+    quant_plan: str = QUANT_PLAN,
     option: list[str] = typer.Option([], "--option"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     quick_bench: bool = typer.Option(False, "--quick-bench", help="Shorter benchmark (fewer tokens and repetitions)."),
@@ -270,16 +311,28 @@ def build(
     max_ppl_ratio: Optional[float] = typer.Option(
         None, "--max-ppl-ratio", help="Search the largest ratio whose perplexity on calibration documents held apart "
         "from scoring stays within this factor of dense (e.g. 1.2); --ratio is then ignored."),
+    beat_baseline: bool = typer.Option(
+        False, "--beat-baseline", help="Search the largest ratio whose int4 artifact (judged on calibration documents "
+        "held apart from scoring, as the plan would ship it) is no worse than ONNX Runtime GenAI's builder int4 of "
+        "the dense model; --ratio is then ignored."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Measure ONNX Runtime GenAI's builder int4 of the dense model beside ours (built "
+                                       "once per model and cached); the verdict compares the expert with it."),
     out: Path = typer.Option(Path("build/expert"), "--out", "-o"),
+    force: bool = typer.Option(False, "--force", help="Run every stage again (this build's finished stages are "
+                               "replaced; nothing else in --out is touched)."),
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show the libraries' own log output (else it goes to OUT/build.log)."),
+    fmt: list[str] = typer.Option(["onnx"], "--format", help="gguf: also write the expert as a GGUF for llama.cpp "
+                                  "and check it there (stage gguf, after the ONNX stages the report reads)."),
 ):
     """Run load, score, prune, export, validate, bench, generate and report; finished stages are skipped."""
+    from . import outputs
     from .console import RichProgress, show_library_logs
     from .corpora import ExpertSpec
-    from .pipeline import LOG_FILE, BuildConfig
+    from .pipeline import LOG_FILE, BuildConfig, interrupt_note
     from .pipeline import build as run_build
     from .targets import resolve_target
 
@@ -288,20 +341,41 @@ def build(
         raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
     method_options = _options(option)
     _check_options(method, method_options)
-    ExpertSpec.parse(expert).corpora()
-    _check_precision(resolve_target(target), precision)
+    expert_spec = ExpertSpec.parse(expert)
+    _check_held_out(expert_spec.corpora())
+    profile = resolve_target(target)
+    _check_precision(profile, precision)
+    inputs = [model, profile.path or None, *_corpus_paths(expert_spec)]
+    out = outputs.check_build_directory(out, inputs)
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be 1 or more, got {threads}")
     if any(not p.strip() for p in prompt):
         raise UserError("--prompt is empty")
+    if beat_baseline and not baseline:
+        raise UserError("--beat-baseline needs the baseline: drop --no-baseline")
+    if beat_baseline and max_ppl_ratio is not None:
+        raise UserError("--beat-baseline and --max-ppl-ratio each choose the ratio: pass one of them")
+    if quant_plan not in ("exact", "fast"):
+        raise UserError(f"--quant-plan '{quant_plan}' is unknown; choose exact or fast")
     if max_ppl_ratio is not None:
         from .search import check_target
 
         check_target(max_ppl_ratio)
+    formats = {f.strip() for item in fmt for f in item.split(",") if f.strip()}
+    if formats - {"onnx", "gguf"}:
+        raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(formats - {'onnx', 'gguf'}))}'")
+    if "gguf" in formats:
+        from .export.gguf import check_source_supported
+        from .gguf_stage import GGUFStage
+        from .pipeline import register_stage
+
+        check_source_supported(model)
+        register_stage(GGUFStage())
     cfg = BuildConfig(target=target, model=model, expert=expert, ratio=ratio, method=method, precision=precision,
                       method_options=method_options, threads=threads, trust_remote_code=trust_remote_code,
                       allow_pickle=allow_pickle, quick_bench=quick_bench, prompts=list(prompt),
-                      prune_vocab=prune_vocab, max_ppl_ratio=max_ppl_ratio)
+                      prune_vocab=prune_vocab, max_ppl_ratio=max_ppl_ratio, quant_plan=quant_plan,
+                      beat_baseline=beat_baseline, baseline=baseline)
     if verbose:
         show_library_logs()
     progress = RichProgress()
@@ -311,7 +385,8 @@ def build(
             progress.line(f"[bold]{name:<9}[/bold] {state}", markup=True)
 
     started = time.time()
-    run_build(cfg, out, on_stage=on_stage, progress=progress, capture_output=not verbose)
+    outputs.on_interrupt(lambda: interrupt_note(out))
+    run_build(cfg, out, on_stage=on_stage, progress=progress, capture_output=not verbose, force=force, inputs=inputs)
     report = out / "report" / "report.html"
     progress.line(f"build complete in {time.time() - started:.0f} s: {out}" + ("" if verbose else f" (library output: {out / LOG_FILE})"))
     if report.exists():
@@ -330,21 +405,33 @@ def validate(
                                          help="Expert spec whose eval corpora to use (default: recorded in the export)."),
     dense_artifact: Optional[Path] = typer.Option(None, "--dense-artifact",
                                                   help="Run the dense model from its own export instead of PyTorch."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="At most this many documents per category."),
-    max_length: int = typer.Option(512, "--max-length"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="At most this many documents per category."),
+    max_length: int = typer.Option(512, "--max-length", min=2),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
     out: Path = typer.Option(Path("validate.json"), "--out", "-o"),
+    force: bool = FORCE,
     trust_remote_code: bool = TRUST,
     allow_pickle: bool = PICKLE,
 ):
     """Dense vs expert on held-out text: perplexity, accuracy, agreement, KL and retention per category."""
     from rich.table import Table
 
+    from . import outputs
+    from .fsutil import write_json
     from .validate import validate as run_validate
 
+    out = outputs.check_output(out, kind="file", force=force, owner=outputs.json_record("a validate record",
+                                                                                        "categories", "overall"),
+                               inputs=[dense, expert_artifact, dense_artifact, *text])
+    outputs.on_interrupt(f"nothing was written to {out}")
     record = run_validate(dense, expert_artifact, texts=text, expert=expert, dense_artifact=dense_artifact,
-                          out=out, threads=threads, max_docs=max_docs, max_length=max_length,
+                          out=None, threads=threads, max_docs=max_docs, max_length=max_length,
                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    overall = record["overall"]
+    if all(overall[side].get(k) is None for side in ("dense", "expert") for k in ("ppl", "acc")):
+        raise UserError("validation measured nothing (no held-out token or item was scored); nothing was written")
+    with outputs.write_file(out) as path:
+        write_json(path, record)
     table = Table(title="Held-out quality: dense vs expert")
     for col in ("category", "dense ppl", "expert ppl", "ppl retention", "dense acc", "expert acc",
                 "acc retention", "top-1 agree", "KL"):
@@ -367,18 +454,32 @@ def bench(
     providers: Optional[str] = typer.Option(None, "--providers",
                                             help="Comma-separated: cpu,cuda,tensorrt,... (default: the target's; CPU always)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Take the providers from this target profile."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the target's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: the target's)."),
     quick: bool = typer.Option(False, "--quick", help="Shorter prompts, fewer tokens and repetitions."),
     out: Path = typer.Option(Path("bench.json"), "--out", "-o"),
+    force: bool = FORCE,
 ):
     """Latency, tokens/s, peak memory and size of exported artifacts, side by side, per execution provider."""
     from rich.table import Table
 
+    from . import outputs
     from .bench import bench as run_bench
     from .bench import summary_rows
+    from .fsutil import write_json
 
+    out = outputs.check_output(out, kind="file", force=force, owner=outputs.json_record("a bench record",
+                                                                                        "providers", "speedup"),
+                               inputs=artifact)
+    outputs.on_interrupt(f"nothing was written to {out}")
     names = [p for p in (providers or "").split(",") if p.strip()] or None
-    record = run_bench(artifact, providers=names, target=target, threads=threads, quick=quick, out=out)
+    with outputs.staging(out) as stage:  # the workers' temporary files live in OUT's staging directory
+        record = run_bench(artifact, providers=names, target=target, threads=threads, quick=quick, out=None)
+        failed = [f"{r['artifact']} on {r['provider'].replace('ExecutionProvider', '')}: {r['status']}"
+                  for r in summary_rows(record) if r["status"].startswith("error")]
+        if failed or not any(r["status"] == "measured" for r in summary_rows(record)):
+            raise UserError(f"benchmark failed, nothing was written: {'; '.join(failed) or 'no provider ran'}")
+        write_json(stage.path, record)
+        stage.commit()
     table = Table(title="Benchmark (p50 after warm-up)")
     for col in ("provider", "artifact", "prefill ms by prompt", "decode ms/tok p50/p90", "tok/s", "peak MB",
                 "session s", "MB on disk"):
@@ -406,33 +507,63 @@ def report(
     build_dir: Path = typer.Argument(..., help="A build directory (`cusprun-edge build --out`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write (default BUILD_DIR/report)."),
     compare: list[Path] = typer.Option([], "--compare", help="Other build directories for quality vs ratio."),
+    force: bool = typer.Option(False, "--force", help="Replace a report directory written before (with --out)."),
 ):
     """Write report.json, report.md and a self-contained report.html for a build."""
+    import os
+
+    from . import outputs
+    from .report import read_build
     from .report import report as run_report
 
-    data = run_report(build_dir, out=out, compare=compare)
+    read_build(build_dir)  # no build directory: one line, before anything is written
     where = out or build_dir / "report"
+    if out is None:  # the build's own report, written again: only its report files are replaced
+        if where.is_dir() and any(where.iterdir()):
+            outputs.check_replaceable(where, outputs.REPORT)
+    else:
+        where = outputs.check_output(out, kind="dir", force=force, owner=outputs.REPORT, inputs=[build_dir, *compare])
+    outputs.on_interrupt(f"nothing was written to {where}")
+    with outputs.staging(where, "dir") as stage:
+        data = run_report(build_dir, out=stage.path, compare=compare)
+        if out is None and where.is_dir():
+            for f in stage.path.iterdir():
+                os.replace(f, where / f.name)
+            stage.committed = True
+        else:
+            stage.commit()
     typer.echo(f"wrote {where / 'report.json'}, {where / 'report.md'}, {where / 'report.html'} "
                f"({len(data['plots'])} plots)")
 
 
 def main() -> None:
+    from . import outputs
+
     try:
-        app(standalone_mode=False)
+        # typer catches KeyboardInterrupt inside a command and returns 130 instead of raising it
+        code = app(standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except SystemExit:
         raise
+    except OSError as exc:  # a full disk, a read-only file system: the user's to fix, in one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
+        sys.exit(2)
     except Exception as exc:
         # usage errors of the (vendored) click arrive here in non-standalone mode: print them as one line
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
+    if code == 130:
+        print(outputs.interrupt_message(), file=sys.stderr)
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

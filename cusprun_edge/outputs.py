@@ -170,9 +170,8 @@ def check_output(out, *, kind: str, force: bool = False, owner: Owner | None = N
         return out
     if kind == "file":
         if out.is_dir():
-            raise UserError(f"{option} {out} is a directory; pass the path of a file (e.g. {out / 'out.json'})"
-                            if owner is not SCORES else
-                            f"{option} {out} is a directory; pass the path of a file (e.g. {out / 'scores.safetensors'})")
+            example = out / ("scores.safetensors" if owner is SCORES else "out.json")
+            raise UserError(f"{option} {out} is a directory; pass the path of a file (e.g. {example})")
         if not force:
             raise UserError(f"{out} already exists; choose another {option} or pass --force (it replaces only a file "
                             "cusprun-edge wrote)")

@@ -27,6 +27,7 @@ def test_bad_prune_and_build_inputs(tmp_path):
 def test_existing_output_refused(tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
+    (out / "mine.txt").write_text("mine")  # an empty directory is a fine --out; one with files is not
     assert_one_line_error(run_cli("prune", "--out", out), "already exists")
 
 
