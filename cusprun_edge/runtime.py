@@ -71,6 +71,8 @@ def provider_name(name: str) -> str:
 def read_manifest(artifact_dir) -> tuple[Path, dict]:
     """(directory, manifest) of an exported artifact; UserError when it is not one."""
     path = Path(artifact_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; pass an export directory (`cusprun-edge export --out`)")
     if not path.is_dir():
         raise UserError(f"artifact directory {path} does not exist")
     manifest_path = path / MANIFEST_FILE

@@ -82,6 +82,8 @@ def ws(tmp_path_factory):
     shutil.copytree(root / "ART", root / "ART-garbage")  # same size: only running it can tell
     graph = root / "ART-garbage" / "model.onnx"
     graph.write_bytes(os.urandom(graph.stat().st_size))
+    shutil.copytree(root / "ART", root / "ART-plus")  # our export, with a file of the user's put inside
+    (root / "ART-plus" / "notes.txt").write_text("mine")
     shutil.copytree(root / "ART", root / "ART-no-data")
     (root / "ART-no-data" / "model.onnx.data").unlink()
 
@@ -95,6 +97,8 @@ def ws(tmp_path_factory):
     (root / "notext.csv").write_text("a,b\n1,2\n3,4\n")
     (root / "x.toml").mkdir()
     (root / "a-file").write_text("not a directory")
+    (root / "paper.pdf").write_bytes(b"%PDF-1.4 not a corpus")
+    (root / "link").symlink_to(root / "user-dir")
     return root
 
 
@@ -210,6 +214,16 @@ CASES = {
     "report on a file": (["report", "{ws}/a-file"], "is a file"),
     "a directory named x.toml as target": (["export", "--model", E, "--target", "{ws}/x.toml", "--out", "{ws}/x"],
                                            "is a directory"),
+    # our own
+    "export --force over our export holding a user's file": (["export", "--model", E, "--out", "{ws}/ART-plus",
+                                                               "--force"], "did not write (notes.txt)"),
+    "--out is a symbolic link": ([*SCORE, "--out", "{ws}/link", "--force"], "symbolic link"),
+    "prune --scores is a directory": (["prune", "--model", M, "--expert", C, "--scores", "{ws}/C", "--out", "{ws}/e2"],
+                                      "is a directory"),
+    "bench --artifact is a file": (["bench", "--artifact", "{ws}/mine.txt", "--out", "{ws}/b.json"], "is a file"),
+    "score --model is a text file": ([*SCORE, "--model", "{ws}/mine.txt", "--out", "{ws}/s.st"], "is not a model"),
+    "a .pdf corpus": ([*SCORE, "--expert", "domain={ws}/paper.pdf", "--out", "{ws}/s.st"], "unsupported file type"),
+    "build --out is the corpus, --force": ([*BUILD, "--out", "{ws}/C", "--force"], "is the input"),
     "bench --threads 0": (["bench", "--artifact", "{ws}/ART", "--threads", "0", "--out", "{ws}/b.json"], "--threads"),
 }
 
