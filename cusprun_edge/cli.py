@@ -539,6 +539,7 @@ def report(
 def main() -> None:
     from . import outputs
 
+    outputs.on_interrupt(None)  # each command says what an interrupt keeps once it knows its output
     try:
         # typer catches KeyboardInterrupt inside a command and returns 130 instead of raising it
         code = app(standalone_mode=False)

@@ -104,9 +104,13 @@ def _export_files(path: Path) -> set[str]:
 
 EXPORT = Owner("an export directory (manifest.json)", lambda p: (p / "manifest.json").is_file(), _export_files)
 
-REPORT_FILES = ("report.json", "report.md", "report.html", "latency.png", "structure.png", "quality_vs_ratio.png")
-REPORT = Owner("a report directory (report.json)", lambda p: (p / "report.json").is_file(),
-               lambda p: {*REPORT_FILES, "stage.json"})
+def _report_files(path: Path) -> set[str]:
+    """report.json/.md/.html, its plots (PNG) and, in a build, the report stage's record."""
+    return {p.name for p in path.iterdir() if p.is_file() and (p.name.startswith("report.") or p.suffix == ".png"
+                                                               or p.name == "stage.json")}
+
+
+REPORT = Owner("a report directory (report.json)", lambda p: (p / "report.json").is_file(), _report_files)
 
 
 # --------------------------------------------------------------------------- checks before any work

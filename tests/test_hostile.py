@@ -348,3 +348,25 @@ def test_disk_full_while_writing(ws):
     assert proc.returncode == 2, proc.stderr
     assert one_line(proc.stderr).startswith("error: ")
     assert _tree(ws) == before
+
+
+def test_staging_leftovers_of_dead_runs_only(tmp_path):
+    """Beside an output, a run removes the staging directories of dead runs (marked, lock free), never a live
+    run's (locked) and never a directory of the user's that merely looks like one (no marker)."""
+    from cusprun_edge import outputs
+
+    out = tmp_path / "x"
+    dead = tmp_path / "x.tmp-dead0000"
+    dead.mkdir()
+    (dead / outputs.STAGING_MARKER).write_text("1\n")
+    (dead / "model.onnx").write_bytes(b"half")
+    users = tmp_path / "x.tmp-mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with outputs.staging(out, "dir") as live:
+        assert not dead.exists() and users.exists()
+        assert outputs.clear_stale(out) == [] and live.root.is_dir()  # alive: locked
+        (live.path / "f").write_text("done")
+        live.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x.tmp-mine"]
+    assert (out / "f").read_text() == "done" and (users / "notes.txt").read_text() == "mine"
