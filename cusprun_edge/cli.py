@@ -259,9 +259,12 @@ def export(
     if fmt not in ("onnx", "gguf"):
         raise UserError(f"--format must be onnx or gguf, got '{fmt}'")
     if fmt == "gguf":
+        from . import outputs
         from .export.gguf import export_gguf_source, summary_line
 
-        manifest = export_gguf_source(model, out, requant=gguf_type, force=force,
+        out = outputs.check_output(out, kind="dir", force=force, owner=outputs.GGUF_EXPORT, inputs=[model])
+        outputs.on_interrupt(f"nothing was written to {out}")
+        manifest = export_gguf_source(model, out, requant=gguf_type, force=force or out.is_dir(),
                                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         typer.echo(f"exported {summary_line(manifest)} -> {out}")
         return

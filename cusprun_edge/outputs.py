@@ -103,6 +103,7 @@ def _export_files(path: Path) -> set[str]:
 
 
 EXPORT = Owner("an export directory (manifest.json)", lambda p: (p / "manifest.json").is_file(), _export_files)
+GGUF_EXPORT = Owner("an export directory (manifest.json)", lambda p: (p / "manifest.json").is_file())
 
 def _report_files(path: Path) -> set[str]:
     """report.json/.md/.html, its plots (PNG) and, in a build, the report stage's record."""

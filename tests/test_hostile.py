@@ -217,6 +217,8 @@ CASES = {
     # our own
     "export --force over our export holding a user's file": (["export", "--model", E, "--out", "{ws}/ART-plus",
                                                                "--force"], "did not write (notes.txt)"),
+    "export --format gguf into a user's directory, --force": (["export", "--model", E, "--format", "gguf", "--out",
+                                                                "{ws}/user-dir", "--force"], "not an export directory"),
     "--out is a symbolic link": ([*SCORE, "--out", "{ws}/link", "--force"], "symbolic link"),
     "prune --scores is a directory": (["prune", "--model", M, "--expert", C, "--scores", "{ws}/C", "--out", "{ws}/e2"],
                                       "is a directory"),
