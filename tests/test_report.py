@@ -44,6 +44,7 @@ def tiny_builds(tiny_artifacts, tmp_path_factory):
         if name == "r30":  # same model and corpora: the finished load and score stages carry over (skipped)
             for stage in ("load", "score"):
                 shutil.copytree(parent / "r50" / stage, parent / name / stage)
+            shutil.copy(parent / "r50" / "build.json", parent / name)  # a build resumes only its own directory
         stages[name] = seen = []
         build(_config(tiny_artifacts["dense_hf"], ratio, [USER_PROMPT] if name == "r30" else []), parent / name,
               on_stage=lambda s, state, seen=seen: seen.append((s, state)))
