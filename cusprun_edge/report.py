@@ -42,6 +42,8 @@ def _read_json(path: Path):
 def read_build(build_dir) -> dict:
     """Everything the stages of `build_dir` recorded; UserError when it is no build directory."""
     root = Path(build_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file, not a build directory (`cusprun-edge build --out`)")
     if not root.is_dir():
         raise UserError(f"build directory {root} does not exist")
     stages = {name: rec for name in STAGE_NAMES if (rec := _read_json(root / name / "stage.json")) is not None}
