@@ -151,11 +151,11 @@ def _summary(sums: dict, mc: tuple[int, int, int]) -> dict:
 
     correct_dense, correct_expert, n_mc = mc
     dense, expert, retention = {}, {}, {}
-    if sums["tokens"] and "test_tokens" in sums:  # a trimmed vocabulary: per dense token, the fair measure
+    if sums["tokens"] and "test_tokens" in sums:  # a trimmed vocabulary: `ppl` is per dense token, the fair one
         for side, key, tokens in ((dense, "ref_nll", sums["tokens"]), (expert, "test_nll", sums["test_tokens"])):
-            side.update(ppl=_ppl(sums[key], tokens), tokens=tokens,
-                        **per_dense_token(sums[key], sums["tokens"], sums["bytes"]))
-        retention["ppl"] = dense["ppl_per_dense_token"] / expert["ppl_per_dense_token"]
+            fair = per_dense_token(sums[key], sums["tokens"], sums["bytes"])
+            side.update(ppl=fair["ppl_per_dense_token"], ppl_own_tokens=_ppl(sums[key], tokens), tokens=tokens, **fair)
+        retention["ppl"] = dense["ppl"] / expert["ppl"]
     elif sums["tokens"]:
         dense["ppl"] = _ppl(sums["ref_nll"], sums["tokens"])
         expert["ppl"] = _ppl(sums["test_nll"], sums["tokens"])

@@ -188,7 +188,7 @@ def byte_piece_share(strings: list[str], tokenizer, texts: list[str]) -> float:
 class KeepRule:
     """The tokens a trimmed vocabulary keeps for a size (see the module docstring); `keep(size)`."""
 
-    def __init__(self, tokenizer, calib_texts: list[str], languages: list[str]):
+    def __init__(self, tokenizer, calib_texts: list[str], languages: list[str], words: int = WORDFREQ_WORDS):
         from .tokenizer_trim import merge_parent_ids, required_ids
 
         tj = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -207,7 +207,7 @@ class KeepRule:
         letter_free = {i for i, s in enumerate(strings) if not any(c.isalpha() for c in s)}
         calib = {i for t in calib_texts for i in tokenizer(t)["input_ids"]}
         self.base = self._closed(self.required | letter_free | calib)
-        freq = word_token_frequencies(tokenizer, languages)
+        freq = word_token_frequencies(tokenizer, languages, words)
         ranked = sorted((i for i in range(self.vocab_size) if i not in self.base), key=lambda i: (-freq.get(i, 0.0), i))
         # each candidate after the ancestors its merges need, so any prefix of the order is a closed set
         self.order: list[int] = []
@@ -253,15 +253,21 @@ class KeepRule:
 
 
 def trimmed_logits_fn(model, new_to_old):
-    """Logits of `model` as if trimmed to `new_to_old` (new ids in, kept columns out): exactly what the
-    physically trimmed model computes, without copying it."""
-    from .evaluate import torch_logits_fn
+    """Logits of `model` as if trimmed to `new_to_old` (new ids in, kept rows of the lm_head out): what the
+    physically trimmed model computes, without copying it (and without the dropped rows' matmul)."""
+    import torch.nn.functional as F
 
     index = torch.as_tensor(new_to_old, dtype=torch.long)
-    full = torch_logits_fn(model)
+    head = arch.get(model, arch.spec_for(model).lm_head)
+    weight = head.weight.detach()[index]
+    bias = head.bias.detach()[index] if head.bias is not None else None
+    cap = getattr(model.config, "final_logit_softcapping", None)
 
+    @torch.no_grad()
     def fn(ids, mask):
-        return full(index[ids], mask)[..., index]
+        hidden = model.base_model(input_ids=index[ids], attention_mask=mask, use_cache=False).last_hidden_state
+        logits = F.linear(hidden, weight, bias)
+        return (torch.tanh(logits / cap) * cap if cap else logits).float()
 
     return fn
 

@@ -69,27 +69,44 @@ def test_trimmed_model_keeps_its_logits_on_kept_tokens_and_reloads(family, tmp_p
     assert max(saved["model"]["vocab"].values()) == len(new_to_old) - 1  # a plain tokenizer.json, new ids
 
 
+@pytest.fixture(scope="module")
+def trimmed_exports(tmp_path_factory):
+    """precision -> (dense logits of TEXT[1], trimmed tokenizer, original ids, export directory), built once."""
+    from test_export import TINY_QUANTIZED
+
+    from cusprun_edge.export import export_model
+
+    done = {}
+
+    def get(precision):
+        if precision not in done:
+            model, tok, new_tok, new_to_old = _tiny_trimmed("llama")
+            with torch.no_grad():
+                dense = model(tok(TEXT[1], return_tensors="pt").input_ids).logits[0]
+            trim_model_vocab(model, new_to_old)
+            out = tmp_path_factory.mktemp("trimmed") / precision
+            export_model(model, new_tok, "x86-cpu", out, precision=precision, thresholds=TINY_QUANTIZED)
+            done[precision] = (dense, new_tok, new_to_old, out)
+        return done[precision]
+
+    return get
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_trimmed_export_logits_match_pytorch_and_genai_generates(precision, tmp_path):
+def test_trimmed_export_logits_match_pytorch_and_genai_generates(precision, trimmed_exports):
     import numpy as np
     import onnxruntime_genai as og
     from test_export import TINY_QUANTIZED
 
-    from cusprun_edge.export import export_model
     from cusprun_edge.runtime import OnnxCausalLM
 
-    model, tok, new_tok, new_to_old = _tiny_trimmed("llama")
-    ids = tok(TEXT[1], return_tensors="pt").input_ids
-    with torch.no_grad():
-        dense = model(ids).logits[0]
-    trim_model_vocab(model, new_to_old)
-    export_model(model, new_tok, "x86-cpu", tmp_path / "e", precision=precision, thresholds=TINY_QUANTIZED)
-    genai = json.loads((tmp_path / "e" / "genai_config.json").read_text())["model"]
+    dense, new_tok, new_to_old, out = trimmed_exports(precision)
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
     assert genai["vocab_size"] == len(new_to_old) and genai["eos_token_id"] == new_tok.eos_token_id
-    shipped = json.loads((tmp_path / "e" / "tokenizer.json").read_text())
+    shipped = json.loads((out / "tokenizer.json").read_text())
     assert len(shipped["model"]["vocab"]) == len(new_to_old)
     new_ids = new_tok(TEXT[1], return_tensors="pt").input_ids
-    got = torch.from_numpy(OnnxCausalLM(tmp_path / "e").forward(new_ids.numpy())[0][0])
+    got = torch.from_numpy(OnnxCausalLM(out).forward(new_ids.numpy())[0][0])
     want = dense[:, torch.tensor(new_to_old)]  # the dense model's logits over the kept ids
     assert got.shape == want.shape
     if precision == "fp32":
@@ -97,7 +114,7 @@ def test_trimmed_export_logits_match_pytorch_and_genai_generates(precision, tmp_
     else:  # the same scale-free limit the export's own int4 gate applied to this tiny model
         assert float((got - want).norm() / want.norm()) <= TINY_QUANTIZED["int4"]["max_rel_rms"]
 
-    og_model = og.Model(str(tmp_path / "e"))
+    og_model = og.Model(str(out))
     og_tok = og.Tokenizer(og_model)
     prompt = og_tok.encode(TEXT[0][:20])
     assert list(prompt) == new_tok(TEXT[0][:20])["input_ids"]  # GenAI reads the shipped trimmed tokenizer
@@ -135,24 +152,21 @@ def test_perplexity_per_dense_token_is_one_definition():
     assert trimmed["bits_per_byte"] == pytest.approx(trimmed["nll"] / math.log(2) / trimmed["bytes"])
 
 
-def test_trimmed_validate_reports_per_dense_token(tmp_path):
+def test_trimmed_validate_reports_per_dense_token(trimmed_exports, tmp_path):
     """validate scores a trimmed expert with its own tokenizer, per dense token, on the same text as dense."""
-    from test_export import TINY_QUANTIZED
-
-    from cusprun_edge.export import export_model
     from cusprun_edge.validate import validate
 
-    model, tok, new_tok, new_to_old = _tiny_trimmed("llama")
+    _, new_tok, new_to_old, out = trimmed_exports("fp32")
     dense = tiny_model("llama")
-    trim_model_vocab(model, new_to_old)
-    export_model(model, new_tok, "x86-cpu", tmp_path / "e", precision="fp32", thresholds=TINY_QUANTIZED)
+    tok = dense[1]
     (tmp_path / "t.txt").write_text("\n\n".join(TEXT[1:4]))
-    record = validate(dense, tmp_path / "e", texts=[tmp_path / "t.txt"])
+    record = validate(dense, out, texts=[tmp_path / "t.txt"])
     overall = record["overall"]
     assert overall["vocabulary"] == {"dense": len(tok), "expert": len(new_to_old)}
     assert overall["expert"]["ppl_per_dense_token"] > 0 and overall["expert"]["bits_per_byte"] > 0
     # the same untrimmed weights: the trimmed expert only loses the probability of dropped tokens' splits
-    assert overall["dense"]["ppl_per_dense_token"] == pytest.approx(overall["dense"]["ppl"])
+    assert overall["dense"]["ppl_per_dense_token"] == pytest.approx(overall["dense"]["ppl_own_tokens"])
+    assert overall["expert"]["ppl"] == overall["expert"]["ppl_per_dense_token"]  # what the report reads
     assert overall["expert"]["tokens"] > overall["dense"]["tokens"]
 
 
@@ -160,7 +174,7 @@ def test_bad_vocabulary_sizes_are_refused():
     from cusprun_edge.vocab import KeepRule
 
     _, tok = tiny_model("llama")
-    rule = KeepRule(tok, TEXT[:1], ["en"])
+    rule = KeepRule(tok, TEXT[:1], ["en"], words=2000)
     for size in (10, len(rule.base) - 1, len(tok)):
         with pytest.raises(UserError, match="--vocab-size"):
             rule.check_size(size)
@@ -172,7 +186,7 @@ def test_a_corpus_the_tokenizer_cannot_read_is_refused():
 
     _, tok = tiny_model("llama")  # trained on Latin-script text: CJK is bytes only
     with pytest.raises(UserError, match="byte pieces"):
-        KeepRule(tok, ["这是一个测试文本，全部是中文字符。" * 5], ["zh"])
+        KeepRule(tok, ["这是一个测试文本，全部是中文字符。" * 5], ["zh"], words=2000)
 
 
 @pytest.mark.integration
@@ -191,6 +205,7 @@ def test_smollm2_trimmed_tokenizer_round_trips_hostile_text(smollm2):
     assert not set(tok(" Привет мир")["input_ids"]) <= set(keep)
 
 
+@pytest.mark.integration
 def test_gemma_trimmed_tokenizer_round_trips_hostile_text():
     """Gemma-3's byte-fallback BPE (262k tokens), when its converted tokenizer is in the cache (seconds)."""
     from transformers import AutoTokenizer

@@ -1,0 +1,155 @@
+"""Vocabulary trimming measured: `python -m benchmarks vocab [--model gemma3-270m] [--ratio 0.10] [--plan fast]`.
+
+One model and expert setting (en+general): the keep rule and its size search on the tune split (the
+smallest vocabulary within the floor of the untrimmed model's perplexity per dense token), then on the
+held-out eval split: coverage (dense tokens kept whole), tokens per word, and perplexity per dense token
+and bits per byte (evaluate.per_dense_token) of dense PyTorch fp32, the trimmed model in fp32 and its
+int4 export; ONNX Runtime GenAI's builder int4 on the dense model (baseline.py) beside it, and decode
+tokens/s of the two int4 artifacts in alternating rounds of one run (each reading the same prompt text
+with its own tokenizer). `--ratio` prunes with cusprun (its defaults) before trimming; 0 isolates the
+vocabulary. Writes results/vocab.json (one entry per model/setting/ratio/plan; a rerun replaces it)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import RESULTS, machine, write_json
+
+SPEC = "language=en,domain=general"
+WORK = Path(__file__).resolve().parent / "work" / "vocab"
+MAX_TOKENS = 512  # each eval document is scored on the text its first 512 dense tokens cover
+PROMPT = "The history of the city begins with a small settlement by the river, where"
+SPEED = {"new_tokens": 128, "rounds": 5, "threads": 2}
+
+
+def _quality(logits_fn, own_tok, texts, dense_tok, vocab: int) -> dict:
+    from cusprun_edge.evaluate import text_quality
+
+    q = text_quality(logits_fn, own_tok, texts, dense_tok, batch_size=max(1, int(4 * 49152 / vocab)))
+    return {k: q[k] for k in ("ppl_per_dense_token", "bits_per_byte", "ppl", "tokens", "dense_tokens")}
+
+
+def _speed(artifacts: dict[str, Path], settings: dict) -> dict:
+    """Greedy decode tokens/s through onnxruntime_genai, alternating between the artifacts round by round."""
+    from transformers import AutoTokenizer
+
+    from cusprun_edge.runtime import GenaiCausalLM
+
+    prompts = {k: AutoTokenizer.from_pretrained(str(d))(PROMPT)["input_ids"] for k, d in artifacts.items()}
+    models = {k: GenaiCausalLM(str(d), "CPUExecutionProvider", threads=settings["threads"]) for k, d in artifacts.items()}
+    for k, m in models.items():  # warm-up
+        m.generate(prompts[k], 8, step_seconds=[])
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(settings["rounds"]):
+        for k, m in models.items():
+            steps: list[float] = []
+            m.generate(prompts[k], settings["new_tokens"], step_seconds=steps)
+            rates[k].append(len(steps[1:]) / sum(steps[1:]) if len(steps) > 1 else 0.0)
+    return {k: {"decode_tok_s": float(np.median(v)), "decode_tok_s_runs": v} for k, v in rates.items()}
+
+
+def _mb(directory: Path) -> float:
+    return round(sum(p.stat().st_size for p in directory.glob("model.onnx*")) / 1e6, 1)
+
+
+def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact", floor: float | None = None,
+        size: int | None = None, skip_speed: bool = False, builder_quality: bool = True) -> dict:
+    from cusprun_edge import load_model
+    from cusprun_edge.baseline import builder_or_reason
+    from cusprun_edge.corpora import ExpertSpec, calibration_documents
+    from cusprun_edge.evaluate import clip_to_tokens, torch_logits_fn
+    from cusprun_edge.export import export_model
+    from cusprun_edge.runtime import OnnxCausalLM
+    from cusprun_edge.vocab import DEFAULT_FLOOR, trim_vocab_for_corpora, vocab_held_out
+
+    started = time.time()
+
+    def say(what):  # progress on stderr: a Gemma run is long on a busy machine
+        print(f"[{time.time() - started:7.0f} s] {what}", file=sys.stderr, flush=True)
+
+    key = f"{model_name}/{SPEC}/{ratio:.2f}/{plan}"
+    model, tok = load_model(model_name)
+    corpora = ExpertSpec.parse(SPEC).corpora()
+    calib = [t for c in corpora.values() for t in c.calib]
+    texts = clip_to_tokens(tok, [t for c in corpora.values() for t in c.eval], MAX_TOKENS)
+    entry: dict = {"model": model_name, "setting": SPEC, "ratio": ratio, "quant_plan": plan, "eval_documents": len(texts)}
+    entry["dense_fp32"] = _quality(torch_logits_fn(model), tok, texts, tok, len(tok))
+    say(f"dense fp32: {entry['dense_fp32']}")
+    expert = copy.deepcopy(model)
+    if ratio > 0:
+        from cusprun_edge.prune import prune_model
+        from cusprun_edge.score import score_model
+
+        scores = score_model(expert, tok, corpora, show_progress=False)
+        rec = prune_model(expert, scores, list(corpora), "cusprun", ratio, tokenizer=tok, corpora=corpora)
+        entry["achieved_ratio"] = rec["achieved_ratio"]
+        entry["pruned_fp32"] = _quality(torch_logits_fn(expert), tok, texts, tok, len(tok))
+    del model
+    t0 = time.time()
+    points: list[dict] = []
+    etok, record = trim_vocab_for_corpora(expert, tok, calib, corpora=corpora, size=size,
+                                          floor=DEFAULT_FLOOR if floor is None else floor,
+                                          held_out=vocab_held_out(corpora),
+                                          on_point=lambda p: (points.append(p), say(f"size search: {p}")))
+    entry["trim_seconds"] = round(time.time() - t0, 1)
+    entry["vocab"] = {k: record.get(k) for k in ("vocab_before", "vocab_after", "languages", "always_kept",
+                                                 "size_search", "coverage", "tokens_per_word", "note")}
+    entry["trimmed_fp32"] = _quality(torch_logits_fn(expert), etok, texts, tok, len(etok))
+    say(f"trimmed to {len(etok)}; fp32: {entry['trimmed_fp32']}")
+    dest = WORK / key.replace("/", "_").replace("=", "-").replace(",", "+")
+    if not (dest / "manifest.json").exists():
+        export_model(expert, etok, "x86-cpu", dest, precision="int4", force=True, held_out=SPEC,
+                     calibration=calibration_documents(corpora), quant_plan=plan)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    say("exported")
+    entry["trimmed_int4"] = {**_quality(OnnxCausalLM(dest, threads=2).logits_fn, etok, texts, tok, len(etok)),
+                             "files_mb": _mb(dest), "fallback_level": (manifest.get("quantization") or {}).get("level")}
+    builder, why = builder_or_reason(model_name)
+    artifacts = {"trimmed_int4": dest}
+    say(f"trimmed int4: {entry['trimmed_int4']}; builder: {builder or why}")
+    if builder is not None:
+        entry["builder_int4"] = {"files_mb": _mb(builder)}
+        if builder_quality:
+            entry["builder_int4"].update(_quality(OnnxCausalLM(builder, threads=2).logits_fn, tok, texts, tok, len(tok)))
+        artifacts["builder_int4"] = builder
+    else:
+        entry["builder_int4"] = {"missing": why}
+    dense_ppl = entry["dense_fp32"]["ppl_per_dense_token"]
+    for name in ("trimmed_fp32", "trimmed_int4", "builder_int4"):
+        if "ppl_per_dense_token" in entry[name]:
+            entry[name]["vs_dense_fp32"] = entry[name]["ppl_per_dense_token"] / dense_ppl
+    if not skip_speed:
+        entry["speed"] = {**_speed(artifacts, SPEED), "settings": SPEED, "prompt": PROMPT}
+        if "builder_int4" in entry["speed"]:
+            entry["speed"]["trimmed_vs_builder"] = (entry["speed"]["trimmed_int4"]["decode_tok_s"]
+                                                    / entry["speed"]["builder_int4"]["decode_tok_s"])
+    entry["seconds"] = round(time.time() - started, 1)
+    entry["machine"] = machine()
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
+    data["runs"][key] = entry
+    write_json("vocab.json", data)
+    return entry
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks vocab")
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--ratio", type=float, default=0.0, help="cusprun ratio before trimming (0: the vocabulary only)")
+    p.add_argument("--plan", default="exact", choices=["exact", "fast"], help="the int4 quantization plan")
+    p.add_argument("--floor", type=float, default=None, help="the size search's quality floor (default vocab.py's)")
+    p.add_argument("--size", type=int, default=None, help="a fixed vocabulary size instead of the search")
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-builder-quality", action="store_true", help="time the builder's artifact, do not score it")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    entry = run(a.model, a.ratio, a.plan, a.floor, a.size, a.no_speed, not a.no_builder_quality)
+    print(json.dumps({k: v for k, v in entry.items() if k != "machine"}, indent=1, default=str))
