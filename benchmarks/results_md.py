@@ -191,12 +191,16 @@ def _builder_section(b: dict) -> list[str]:
     """Our dense int4 export beside ONNX Runtime GenAI's model builder (benchmarks/builder.py)."""
     lines = [f"{b['what']}. Held-out text: {b['held_out']}. {_machine_line(b['machine'])}" if "date" in b["machine"]
              else f"{b['what']}. Held-out text: {b['held_out']}.", "",
-             "| artifact | ppl | top-1 vs fp32 | KL | decode tok/s (median of rounds) | TTFT ms | files MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| artifact | ppl | top-1 vs fp32 | KL | decode tok/s (median of rounds) | decode vs builder | TTFT ms "
+             "| files MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = b["speed"].get("genai-builder int4", {}).get("decode_tok_s")
     for label, q in b["quality"].items():
         sp = b["speed"].get(label, {})
+        rate = sp.get("decode_tok_s")
         lines.append(f"| {label} | {q['ppl']:.3f} | {q.get('top1_agreement', 1.0):.3f} | {q.get('kl', 0.0):.4f} | "
-                     f"{sp.get('decode_tok_s', float('nan')):.1f} | {sp.get('ttft_ms', float('nan')):.0f} | "
+                     f"{rate if rate is None else f'{rate:.1f}'} | "
+                     f"{f'{rate / base:.2f}x' if rate and base else '-'} | {sp.get('ttft_ms', float('nan')):.0f} | "
                      f"{b['file_mb'].get(label, float('nan'))} |")
     st = b["settings"]
     lines += ["", f"Speed: {st['rounds']} alternating rounds, {st['new_tokens']} new tokens after {st['prompt_tokens']} "

@@ -96,6 +96,9 @@ def builder_artifact(source: str, precision: str = "int4", *, timeout: float = 1
     out = builder_dir(source, precision)
     if (out / MANIFEST_FILE).is_file():
         return out
+    failed = out.with_name(out.name + ".failed")  # the builder's answer is kept either way: it is slow to repeat
+    if failed.is_file():
+        raise UserError(failed.read_text().strip())
     hf_dir = hf_directory(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -109,7 +112,9 @@ def builder_artifact(source: str, precision: str = "int4", *, timeout: float = 1
             capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if result.returncode or not (work / "model.onnx").is_file():
             last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"ONNX Runtime GenAI's builder could not export {hf_dir.name}: {last[0][:200]}")
+            reason = f"ONNX Runtime GenAI's builder could not export {hf_dir.name}: {last[0][:200]}"
+            failed.write_text(reason + "\n")
+            raise UserError(reason)
         files = {p.name: {"bytes": p.stat().st_size} for p in work.iterdir() if p.is_file()}
         decoder = json.loads((work / "genai_config.json").read_text())["model"]
         manifest = {

@@ -289,7 +289,7 @@ class BenchStage(Stage):
     depends = ("export",)
 
     def config_keys(self):
-        return ("threads", "quick_bench")
+        return ("threads", "quick_bench", "baseline")
 
     def run(self, ctx, work: Path) -> dict:
         export = ctx.stage_dir("export")
@@ -302,7 +302,12 @@ class BenchStage(Stage):
             runs.append(label)
             ctx.progress.update(description=f"bench {label} on {provider.replace('ExecutionProvider', '')}")
 
-        record = bench([export / "dense", export / "expert"], labels=["dense", "expert"],
+        from .baseline import LABEL, builder_or_reason
+
+        # what a user ships without us, measured in the same run: the GenAI builder's int4 of the dense model
+        builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
+        extra = [builder] if builder is not None else []
+        record = bench([export / "dense", export / "expert", *extra], labels=["dense", "expert"] + [LABEL] * len(extra),
                        target=ctx.config.target, threads=ctx.config.threads, quick=ctx.config.quick_bench,
                        out=work / BENCH_FILE, on_run=on_run)
         measured = {p: e for p, e in record["providers"].items() if e["status"] == "measured"}
@@ -310,6 +315,9 @@ class BenchStage(Stage):
                   if "error" in r]
         if errors:
             raise UserError("benchmark failed: " + "; ".join(errors))
-        return {"file": BENCH_FILE, "measured": list(measured),
+        if no_builder:
+            record["no_baseline"] = no_builder
+            write_json(work / BENCH_FILE, record)
+        return {"file": BENCH_FILE, "measured": list(measured), "no_baseline": no_builder,
                 "skipped": {p: e["reason"] for p, e in record["providers"].items() if e["status"] == "skipped"},
                 "speedup": record["speedup"]}

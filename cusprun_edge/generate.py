@@ -18,6 +18,10 @@ from .stages import Stage
 GENERATIONS_FILE = "generations.json"
 MAX_NEW_TOKENS = 48
 BUILTIN_PER_EXPERT = 4  # built-in prompts shown per build, shared round-robin among its dimensions
+CHECK_NEW_TOKENS = 16  # a checked answer must appear this early
+# An answer loops when at least this share of its word 4-grams repeat an earlier one (a fluent 48-token answer
+# repeats none or one; the default 25% expert's looping answers measured 0.5-0.8)
+LOOP_SHARE = 0.3
 
 
 def prompts_file() -> Path:
@@ -28,6 +32,33 @@ def builtin_prompts() -> dict[str, list[str]]:
     """category name ("domain/medical") -> its prompts."""
     data = json.loads(prompts_file().read_text(encoding="utf-8"))
     return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def checks_file() -> Path:
+    return calib_root() / "checks.json"
+
+
+def repeated_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one: 0 for fluent text, near 1 for a loop.
+    Words, not tokens, so artifacts with different vocabularies are judged alike."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def loops(text: str) -> bool:
+    return repeated_share(text) >= LOOP_SHARE
+
+
+def checked_prompts() -> list[dict]:
+    """[{category, prompt, answer}]: prompts whose continuation can be checked (answer: a regular expression)."""
+    return json.loads(checks_file().read_text(encoding="utf-8"))["checks"]
+
+
+def answer_is_right(check: dict, text: str) -> bool:
+    import re
+
+    return re.search(check["answer"], text, re.IGNORECASE) is not None
 
 
 def prompts_for(expert: str, extra=()) -> list[dict]:
@@ -104,9 +135,27 @@ def generate(artifacts: dict[str, Path], prompts: list[dict], *, max_new_tokens:
         for label in artifacts:
             rates = [p[label]["tok_s"] for p in record["prompts"] if p[label].get("tok_s")]
             record.setdefault("tok_s", {})[label] = sum(rates) / len(rates) if rates else None
+            for entry in record["prompts"]:
+                entry[label]["repeated_4grams"] = round(repeated_share(entry[label]["text"]), 3)
+                entry[label]["loops"] = loops(entry[label]["text"])
+            record.setdefault("looping", {})[label] = sum(p[label]["loops"] for p in record["prompts"])
+        record["checks"] = run_checks(artifacts, threads=threads, on_prompt=on_prompt)
     if out is not None:
         write_json(out, record)
     return record
+
+
+def run_checks(artifacts: dict[str, Path], *, threads: int | None = None, on_prompt=None) -> dict:
+    """Every artifact completes the checked prompts (data/calib/checks.json): {items: [...], right: {label: n}, of: n}."""
+    checks = checked_prompts()
+    items = [dict(c) for c in checks]
+    for label, path in artifacts.items():
+        answers = generate_texts(path, [c["prompt"] for c in checks], max_new_tokens=CHECK_NEW_TOKENS,
+                                 threads=threads, on_prompt=on_prompt)
+        for item, answer in zip(items, answers):
+            item[label] = {"text": answer["text"], "right": answer_is_right(item, answer["text"])}
+    return {"items": items, "of": len(items), "new_tokens": CHECK_NEW_TOKENS,
+            "right": {label: sum(i[label]["right"] for i in items) for label in artifacts}}
 
 
 class GenerateStage(Stage):
@@ -116,14 +165,21 @@ class GenerateStage(Stage):
     depends = ("export",)
 
     def config_keys(self):
-        return ("expert", "prompts", "threads")
+        return ("expert", "prompts", "threads", "baseline")
 
     def run(self, ctx, work: Path) -> dict:
         prompts = prompts_for(ctx.config.expert, ctx.config.prompts)
         export = ctx.stage_dir("export")
-        ctx.progress.start("generate: dense and expert answer the prompts", total=2 * len(prompts))
-        record = generate({"dense": export / "dense", "expert": export / "expert"}, prompts,
+        ctx.progress.start("generate: dense and expert answer the prompts",
+                           total=3 * (len(prompts) + len(checked_prompts())))
+        from .baseline import LABEL, builder_or_reason
+
+        # the checked answers of what a user ships without us too
+        builder, _ = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
+        record = generate({"dense": export / "dense", "expert": export / "expert",
+                           **({LABEL: builder} if builder is not None else {})}, prompts,
                           threads=ctx.config.threads, out=work / GENERATIONS_FILE,
                           on_prompt=lambda: ctx.progress.update(advance=1))
         return {"file": GENERATIONS_FILE, "prompts": len(prompts), "skipped": record.get("skipped"),
-                "tok_s": record.get("tok_s")}
+                "tok_s": record.get("tok_s"), "looping": record.get("looping"),
+                "checks_right": (record.get("checks") or {}).get("right")}

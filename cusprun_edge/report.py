@@ -158,6 +158,23 @@ def _model_side(build: dict, side: str, label: str) -> dict:
     }
 
 
+def _baseline_side(build: dict) -> dict | None:
+    """What a user would ship without us (bench and validate measured it beside ours): the GenAI builder's int4
+    of the dense model. None when neither stage measured it; {"missing": why} when they could not."""
+    from .baseline import LABEL
+
+    bench, validate = build["bench"] or {}, build["validate"] or {}
+    measured = validate.get("baseline") or {}
+    latency = _latency(bench, LABEL)
+    missing = bench.get("no_baseline") or build["stages"].get("validate", {}).get("result", {}).get("no_baseline")
+    if not measured and not latency:
+        return {"missing": missing} if missing else None
+    return {"label": "ONNX Runtime GenAI builder int4 (dense)", "artifact": measured.get("artifact"),
+            "file_bytes": bench.get("artifacts", {}).get(LABEL, {}).get("file_bytes"),
+            "ppl": measured.get("ppl"), "top1_agreement": measured.get("top1_agreement"), "kl": measured.get("kl"),
+            "latency": latency}
+
+
 def _speedup(bench: dict | None, label: str = "expert") -> dict:
     if not bench:
         return {}
@@ -238,6 +255,7 @@ def collect(build_dir, compare=()) -> dict:
         "quality_vs_ratio": points,
         "stages": {name: {"seconds": rec.get("seconds")} for name, rec in build["stages"].items()},
         "generations": build["generations"],
+        "baseline": _baseline_side(build),
     }
 
 
@@ -251,9 +269,88 @@ def _expert_text(config: dict) -> str:
     return "/".join(values) or "the expert's"
 
 
+def _decode(side: dict, provider: str) -> float | None:
+    return ((side or {}).get("latency") or {}).get(provider, {}).get("decode_tok_s")
+
+
+def _artifact_ppl(data: dict, side: str) -> float | None:
+    """Held-out perplexity of an artifact as it ships: the expert's, our dense export's (validate's three-way
+    comparison) or the baseline's."""
+    if side == "expert":
+        return ((data["expert"].get("eval") or {}).get("overall") or {}).get("ppl")
+    if side == "dense":
+        return ((data.get("three_way") or {}).get("dense_quantized") or {}).get("ppl")
+    return (data.get("baseline") or {}).get("ppl")
+
+
+def shipping_baseline(data: dict) -> dict | None:
+    """The dense artifact a user would otherwise ship, with the figures the verdict compares: the GenAI builder's
+    int4, or our own dense export where it is better on both decode speed and held-out perplexity.
+    {side, label, provider, decode_tok_s, ppl, file_bytes}; None when the builder was not measured."""
+    base = data.get("baseline") or {}
+    provider = next((p for p in (base.get("latency") or {}) if _decode(data["expert"], p)), None)
+    if provider is None or not _artifact_ppl(data, "baseline"):
+        return None
+    builder = {"side": "baseline", "label": base["label"], "provider": provider,
+               "decode_tok_s": _decode(base, provider), "ppl": _artifact_ppl(data, "baseline"),
+               "file_bytes": base.get("file_bytes")}
+    ours = {"side": "dense", "label": f"our dense {data['dense'].get('precision') or ''} export".replace("  ", " "),
+            "provider": provider, "decode_tok_s": _decode(data["dense"], provider), "ppl": _artifact_ppl(data, "dense"),
+            "file_bytes": data["dense"].get("file_bytes")}
+    if ours["decode_tok_s"] and ours["ppl"] and ours["decode_tok_s"] > builder["decode_tok_s"] \
+            and ours["ppl"] < builder["ppl"]:
+        return ours
+    return builder
+
+
+def _answers_sentence(data: dict) -> str:
+    """Looping answers and checked answers, when the generate stage measured them."""
+    gens = data.get("generations") or {}
+    parts = []
+    rows = _generation_rows(data)
+    if rows and all("loops" in p["expert"] for p in rows):
+        expert_loops = sum(p["expert"]["loops"] for p in rows)
+        dense_loops = sum(p["dense"]["loops"] for p in rows)
+        if expert_loops > dense_loops:
+            parts.append(f"Warning: the expert's answers loop in {expert_loops} of {len(rows)} prompts "
+                         f"(dense: {dense_loops})")
+    checks = gens.get("checks")
+    if checks and checks.get("right"):
+        right = checks["right"]
+        parts.append("checked answers right: " + ", ".join(f"{label} {n}/{checks['of']}" for label, n in right.items()))
+    return ("; ".join(parts) + ".") if parts else ""
+
+
 def verdict(data: dict) -> str | None:
-    """One line of facts a user decides on: decode speed, weight size and held-out perplexity of the
-    expert against the dense artifact, each as a ratio with both figures. None without any figure."""
+    """One line of facts a user decides on: decode speed, weight size and held-out perplexity of the expert
+    against what the user would otherwise ship (shipping_baseline: the GenAI builder's int4 or our dense export,
+    whichever is better), each as a ratio with both figures; then looping and checked answers. Without a measured
+    baseline, against our own dense export. None without any figure."""
+    base = shipping_baseline(data)
+    if base is None:
+        line = _verdict_vs_dense(data)
+        return " ".join(x for x in (line, _answers_sentence(data)) if x) or None
+    e = data["expert"]
+    provider, where = base["provider"], base["provider"].replace("ExecutionProvider", "")
+    fast, mine = _decode(e, provider) / base["decode_tok_s"], _decode(e, provider)
+    facts = [f"{fast:.2f}x {'faster' if fast >= 1 else 'the'} decode ({mine:.1f} vs {base['decode_tok_s']:.1f} "
+             f"tokens/s on {where})"]
+    if e.get("file_bytes") and base.get("file_bytes"):
+        facts.append(f"{e['file_bytes'] / base['file_bytes']:.2f}x the weights "
+                     f"({_mb(e['file_bytes'])} vs {_mb(base['file_bytes'])})")
+    ppl = _artifact_ppl(data, "expert")
+    if ppl:
+        facts.append(f"perplexity {ppl / base['ppl']:.2f}x ({ppl:.1f} vs {base['ppl']:.1f}) on held-out "
+                     f"{_expert_text(data.get('config') or {})} text")
+    line = f"Expert vs {base['label']}, what a user would otherwise ship: " + ", ".join(facts) + "."
+    if not (fast > 1 and ppl and ppl <= base["ppl"]):
+        line += (f" The expert does not beat it on both speed and quality: {base['label']} is the better thing "
+                 "to ship.")
+    return " ".join(x for x in (line, _answers_sentence(data)) if x)
+
+
+def _verdict_vs_dense(data: dict) -> str | None:
+    """Expert vs our own dense export (when no baseline was measured)."""
     d, e = data["dense"], data["expert"]
     facts = []
     provider = next((p for p, s in data.get("speedup", {}).items()
@@ -490,8 +587,8 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append(("Agreement with dense", ["top-1 next-token agreement", "mean KL(dense || expert)"],
                     [[_r(ret.get("top1_agreement")), _fmt(ret.get("kl"))]]))
 
-    for extra in (_three_way_table(data.get("three_way")), _search_table(data), _vocab_table(data),
-                  _speed_limit_table(data)):
+    for extra in (_baseline_table(data), _checks_table(data), _three_way_table(data.get("three_way")),
+                  _search_table(data), _vocab_table(data), _speed_limit_table(data)):
         if extra:
             out.append(extra)
 
@@ -551,6 +648,43 @@ def _weights_read(root: Path) -> dict:
         if path.exists():
             out[side] = weight_bytes_per_token(path)["per_token_bytes"]
     return out
+
+
+def _baseline_table(data: dict):
+    """The expert beside the dense artifacts a user could ship instead, with the same figures."""
+    base = data.get("baseline")
+    if not base:
+        return None
+    if base.get("missing"):
+        return ("What users ship today", ["", "why not measured"], [["GenAI builder int4", base["missing"]]])
+    chosen = shipping_baseline(data)
+    provider = (chosen or {}).get("provider") or next(iter(base.get("latency") or {}), None)
+    rows = []
+    for side, label, record in (("baseline", base["label"], base), ("dense", "our dense export", data["dense"]),
+                                ("expert", "expert", data["expert"])):
+        rate, ppl = _decode(record, provider) if provider else None, _artifact_ppl(data, side)
+        rows.append([label + (" (the baseline)" if chosen and chosen["side"] == side else ""), _fmt(ppl, 4),
+                     f"{rate:.1f}" if rate else "-",
+                     f"{rate / chosen['decode_tok_s']:.2f}x" if rate and chosen else "-", _mb(record.get("file_bytes"))])
+    where = provider.replace("ExecutionProvider", "") if provider else "-"
+    return (f"What users ship today: held-out perplexity and decode on {where}, one bench run",
+            ["artifact", "held-out ppl", "decode tok/s", "decode vs baseline", "model files"], rows)
+
+
+def _checks_table(data: dict):
+    """Checked answers (data/calib/checks.json) and looping answers per artifact."""
+    gens = data.get("generations") or {}
+    checks = gens.get("checks")
+    if not checks:
+        return None
+    rows = []
+    for label, right in checks.get("right", {}).items():
+        loops = (gens.get("looping") or {}).get(label)
+        rows.append([label, f"{right} of {checks['of']}", "-" if loops is None else
+                     f"{loops} of {len(_generation_rows(data))}"])
+    return ("Answers that can be checked (greedy, first "
+            f"{checks.get('new_tokens')} tokens) and answers that loop (>= 30% repeated word 4-grams)",
+            ["artifact", "checked answers right", "looping answers"], rows)
 
 
 def _speed_limit_table(data: dict):

@@ -30,21 +30,25 @@ class SearchPoint:
     seconds: float
 
 
-def check_target(max_ppl_ratio: float) -> None:
+def check_target(max_ppl_ratio: float, *, at_least_one: bool = False) -> None:
+    """A user's factor must be above 1.0; matching a baseline's perplexity itself is a factor of exactly 1.0."""
+    if max_ppl_ratio == 1.0 and at_least_one:
+        return
     if not max_ppl_ratio > 1.0:
         raise UserError(f"--max-ppl-ratio {max_ppl_ratio} must be above 1.0 (e.g. 1.2: perplexity at most 1.2x dense)")
 
 
 def search_ratio(measure: Callable[[float], float], dense_ppl: float, max_ppl_ratio: float, *,
                  lo: float = 0.05, hi: float = 0.45, floor: float = RATIO_FLOOR, tolerance: float = TOLERANCE,
-                 max_steps: int = 8, on_point: Callable[[SearchPoint], None] | None = None) -> dict:
+                 max_steps: int = 8, on_point: Callable[[SearchPoint], None] | None = None,
+                 what_to_do: str = "raise --max-ppl-ratio or use --ratio") -> dict:
     """Largest ratio in [floor, hi] with measure(ratio) <= max_ppl_ratio * dense_ppl.
 
     `measure(ratio)` prunes a fresh copy at `ratio` and returns its held-apart perplexity. Starts at `lo`;
     when `lo` fails, halves towards `floor` and refuses the target (UserError) if even `floor` fails.
     Returns {"ratio", "points", "seconds", ...}; every ratio tried lies within [floor, hi].
     """
-    check_target(max_ppl_ratio)
+    check_target(max_ppl_ratio, at_least_one=True)
     if not 0 < floor <= lo <= hi < 1:
         raise ValueError(f"search bounds must satisfy 0 < floor <= lo <= hi < 1 (got {floor}, {lo}, {hi})")
     limit = max_ppl_ratio * dense_ppl
@@ -71,7 +75,7 @@ def search_ratio(measure: Callable[[float], float], dense_ppl: float, max_ppl_ra
             best = min(points, key=lambda p: p.ppl)
             raise UserError(
                 f"no pruning ratio down to {ratio:.2f} keeps held-apart perplexity within {max_ppl_ratio}x dense "
-                f"(best: {best.ppl_ratio:.2f}x at {best.ratio:.2f}); raise --max-ppl-ratio or use --ratio")
+                f"(best: {best.ppl_ratio:.2f}x at {best.ratio:.2f}); {what_to_do}")
         ratio = max(floor, ratio / 2)
     if bad is None:  # lo passed: is the ceiling already within the target?
         if probe(hi):

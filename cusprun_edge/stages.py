@@ -37,6 +37,9 @@ class BuildConfig:
     prompts: list[str] = field(default_factory=list)  # the user's own prompts for the generations
     prune_vocab: bool = False
     max_ppl_ratio: float | None = None  # when set, the prune stage searches the ratio (search.py)
+    quant_plan: str = "exact"  # the int4 plan (export/quant_plan.py PLANS)
+    beat_baseline: bool = False  # search the largest ratio whose int4 is no worse than the GenAI builder's dense
+    baseline: bool = True  # measure the GenAI builder's int4 of the dense model beside ours (baseline.py)
 
 
 class Progress:

@@ -192,6 +192,7 @@ def validate(
     allow_pickle: bool = False,
     on_category=None,
     quantized_dense=None,
+    baseline=None,
 ) -> dict:
     """Measure dense vs expert on held-out text; writes `out` (a .json path) when given.
 
@@ -200,7 +201,9 @@ def validate(
     are extra evaluation files. `quantized_dense`: the dense model's own export at the expert's
     precision; with it (and the dense model in PyTorch) the record gets `three_way`: dense fp32 /
     dense at the target precision / expert at the target precision, so quantization's cost and
-    pruning's show apart. Returns the record also written to `out`."""
+    pruning's show apart. `baseline`: what a user would ship instead (ONNX Runtime GenAI's builder, int4, on the
+    dense model; baseline.py), measured on the same texts against the same reference (record["baseline"]).
+    Returns the record also written to `out`."""
     from .evaluate import torch_logits_fn
     from .runtime import OnnxCausalLM, read_manifest
 
@@ -214,6 +217,8 @@ def validate(
         read_manifest(dense_artifact)
     if quantized_dense is not None:
         read_manifest(quantized_dense)
+    if baseline is not None:
+        read_manifest(baseline)
     sets = _eval_sets(expert, texts, max_docs, max_mc)  # bad input fails before any model loads
 
     if isinstance(dense, (tuple, list)):
@@ -256,10 +261,16 @@ def validate(
         quantized_rt = OnnxCausalLM(quantized_dense, provider=provider, threads=threads)
         quantized_fn = quantized_rt.logits_fn
         max_length = min(max_length, quantized_rt.context_length or max_length)
+    baseline_fn = None
+    if baseline is not None:
+        baseline_rt = OnnxCausalLM(baseline, provider=provider, threads=threads)
+        baseline_fn = baseline_rt.logits_fn
+        max_length = min(max_length, baseline_rt.context_length or max_length)
     categories = {}
     shared = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
     totals = {**shared, **({"test_tokens": 0, "bytes": 0} if trimmed else {})}
     quantized_totals = dict.fromkeys(shared, 0)
+    baseline_totals = dict.fromkeys(shared, 0)
     mc_totals = [0, 0, 0]
     for name, data in sets.items():
         if not data["texts"]:
@@ -284,6 +295,12 @@ def validate(
             for k in quantized_totals:
                 quantized_totals[k] += quantized[k]
             categories[name]["three_way"] = three_way(sums, quantized)
+        if baseline_fn is not None and data["texts"]:
+            theirs = compare_texts(dense_fn, baseline_fn, tokenizer, data["texts"], batch_size=batch_size,
+                                   max_length=max_length)
+            for k in baseline_totals:
+                baseline_totals[k] += theirs[k]
+            categories[name]["baseline"] = _against_reference(theirs)
         if "path" in data:
             categories[name]["path"] = data["path"]
         if on_category:
@@ -304,23 +321,31 @@ def validate(
     if quantized_fn is not None and quantized_totals["tokens"]:
         record["three_way"] = {**three_way(totals, quantized_totals), "precision": manifest.get("precision"),
                                "dense_artifact": str(quantized_dense)}
+    if baseline_fn is not None and baseline_totals["tokens"]:
+        record["baseline"] = {"artifact": str(baseline), "precision": baseline_rt.manifest.get("precision"),
+                              "format": baseline_rt.manifest.get("format"), **_against_reference(baseline_totals)}
     if out is not None:
         write_json(out, record)
     return record
 
 
+def _against_reference(sums: dict) -> dict:
+    """Perplexity, top-1 agreement and KL of a tested artifact against the reference, from compare_texts sums."""
+    if not sums["positions"]:  # a trimmed vocabulary shares no positions with dense; its ppl is per dense token
+        return {"ppl": _ppl(sums["test_nll"], sums["tokens"]), "top1_agreement": None, "kl": None,
+                "tokens": sums["tokens"]}
+    return {"ppl": _ppl(sums["test_nll"], sums["tokens"]), "top1_agreement": sums["agree"] / max(1, sums["positions"]),
+            "kl": max(0.0, sums["kl"] / max(1, sums["positions"])), "tokens": sums["tokens"]}
+
+
 def three_way(expert_sums: dict, quantized_sums: dict) -> dict:
     """Perplexity, top-1 agreement and KL against the dense model in PyTorch fp32 of: the dense model
     itself, its export at the target precision, the expert's export at the target precision."""
-    def row(sums, ppl_key):
-        if not sums["positions"]:  # a trimmed vocabulary shares no positions with dense; its ppl is per dense token
-            return {"ppl": _ppl(sums[ppl_key], sums["tokens"]), "top1_agreement": None, "kl": None}
-        return {"ppl": _ppl(sums[ppl_key], sums["tokens"]),
-                "top1_agreement": sums["agree"] / max(1, sums["positions"]),
-                "kl": max(0.0, sums["kl"] / max(1, sums["positions"]))}
+    def row(sums):
+        return {k: v for k, v in _against_reference(sums).items() if k != "tokens"}
 
     return {"dense_fp32": {"ppl": _ppl(expert_sums["ref_nll"], expert_sums["tokens"]), "top1_agreement": 1.0, "kl": 0.0},
-            "dense_quantized": row(quantized_sums, "test_nll"), "expert_quantized": row(expert_sums, "test_nll"),
+            "dense_quantized": row(quantized_sums), "expert_quantized": row(expert_sums),
             "tokens": expert_sums["tokens"]}
 
 
@@ -331,7 +356,7 @@ class ValidateStage(Stage):
     depends = ("export",)
 
     def config_keys(self):
-        return ("expert",)
+        return ("expert", "baseline")
 
     def run(self, ctx, work: Path) -> dict:
         from .corpora import ExpertSpec
@@ -345,11 +370,15 @@ class ValidateStage(Stage):
             ctx.progress.update(advance=ids.shape[0] if ids is not None else 1)
 
         hook = model.register_forward_hook(counted, with_kwargs=True)
+        from .baseline import builder_or_reason
+
+        builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
         try:
             dense_export = ctx.stage_dir("export") / "dense"
             record = validate((model, tok), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
                               out=work / VALIDATE_FILE, threads=ctx.config.threads,
                               quantized_dense=dense_export if (dense_export / "manifest.json").is_file() else None,
+                              baseline=builder,
                               on_category=lambda name, _: ctx.progress.update(description=f"validate: {name} done"))
         finally:
             hook.remove()
@@ -357,4 +386,5 @@ class ValidateStage(Stage):
         return {"file": VALIDATE_FILE, "categories": list(record["categories"]),
                 "retention": overall["retention"], "top1_agreement": overall.get("top1_agreement"),
                 "kl": overall.get("kl"), "dense_ppl": overall["dense"].get("ppl"),
-                "expert_ppl": overall["expert"].get("ppl")}
+                "expert_ppl": overall["expert"].get("ppl"),
+                "baseline_ppl": (record.get("baseline") or {}).get("ppl"), "no_baseline": no_builder}

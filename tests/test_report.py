@@ -26,11 +26,11 @@ def tiny_artifacts(tmp_path_factory):
 USER_PROMPT = "Write one sentence about the sea:"
 
 
-def _config(model_dir, ratio, prompts=()):
+def _config(model_dir, ratio, prompts=(), baseline=False):
     from cusprun_edge.pipeline import BuildConfig
 
     return BuildConfig(target="x86-cpu", model=str(model_dir), expert=EXPERT, ratio=ratio, method="magnitude",
-                       precision="fp32", quick_bench=True, threads=1, prompts=list(prompts))
+                       precision="fp32", quick_bench=True, threads=1, prompts=list(prompts), baseline=baseline)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,9 @@ def tiny_builds(tiny_artifacts, tmp_path_factory):
                 shutil.copytree(parent / "r50" / stage, parent / name / stage)
             shutil.copy(parent / "r50" / "build.json", parent / name)  # a build resumes only its own directory
         stages[name] = seen = []
-        build(_config(tiny_artifacts["dense_hf"], ratio, [USER_PROMPT] if name == "r30" else []), parent / name,
+        # r30 measures the GenAI builder's int4 of the dense model beside ours (the baseline its verdict names)
+        build(_config(tiny_artifacts["dense_hf"], ratio, [USER_PROMPT] if name == "r30" else [], name == "r30"),
+              parent / name,
               on_stage=lambda s, state, seen=seen: seen.append((s, state)))
     return parent / "r30", parent / "r50", stages
 
@@ -160,20 +162,34 @@ def test_verdict_and_generations(tiny_builds, tiny_artifacts):
     """The verdict line is computed from the build's own figures; dense and expert answer the expert's
     built-in prompts (both its dimensions heard) and the user's, greedily through onnxruntime_genai."""
     from cusprun_edge.generate import builtin_prompts, generate_texts
+    from cusprun_edge.report import shipping_baseline
 
-    a, _, _ = tiny_builds
+    a, b, _ = tiny_builds
     data = json.loads((a / "report" / "report.json").read_text())
     cpu = "CPUExecutionProvider"
-    speed = data["speedup"][cpu]["decode"]
-    ppl = data["expert"]["eval"]["overall"]["ppl"] / data["dense"]["eval"]["overall"]["ppl"]
-    size = data["expert"]["file_bytes"] / data["dense"]["file_bytes"]
+    # r30 measured the GenAI builder's int4: the verdict compares with what a user would otherwise ship
+    base = shipping_baseline(data)
+    assert base is not None and base["provider"] == cpu
+    expert_rate = data["expert"]["latency"][cpu]["decode_tok_s"]
+    ppl = data["expert"]["eval"]["overall"]["ppl"]
     verdict = data["verdict"]
-    assert verdict.startswith("Expert vs dense (fp32): ")
-    assert (f"{speed:.2f}x faster decode" if speed >= 1 else f"{1 / speed:.2f}x slower decode") in verdict
-    assert f"{size:.2f}x the weights" in verdict and f"perplexity {ppl:.2f}x dense" in verdict
-    assert verdict.endswith("on held-out en/general text.")
+    assert verdict.startswith(f"Expert vs {base['label']}, what a user would otherwise ship: ")
+    assert f"{expert_rate / base['decode_tok_s']:.2f}x" in verdict
+    assert f"perplexity {ppl / base['ppl']:.2f}x ({ppl:.1f} vs {base['ppl']:.1f})" in verdict
+    assert data["baseline"]["ppl"] == json.loads((a / "validate" / "validate.json").read_text())["baseline"]["ppl"]
     md = (a / "report" / "report.md").read_text().splitlines()
     assert md[2] == f"**{verdict}**"  # the first thing under the title
+    checks = data["generations"]["checks"]
+    assert set(checks["right"]) == {"dense", "expert", "builder"} and checks["of"] == len(checks["items"]) >= 20
+    # r50 measured no baseline: its verdict is against our own dense export, as before
+    other = json.loads((b / "report" / "report.json").read_text())
+    speed = other["speedup"][cpu]["decode"]
+    ratio = other["expert"]["eval"]["overall"]["ppl"] / other["dense"]["eval"]["overall"]["ppl"]
+    size = other["expert"]["file_bytes"] / other["dense"]["file_bytes"]
+    assert other["verdict"].startswith("Expert vs dense (fp32): ")
+    assert (f"{speed:.2f}x faster decode" if speed >= 1 else f"{1 / speed:.2f}x slower decode") in other["verdict"]
+    assert f"{size:.2f}x the weights" in other["verdict"] and f"perplexity {ratio:.2f}x dense" in other["verdict"]
+    assert "on held-out en/general text." in other["verdict"]
 
     gens = data["generations"]
     table = builtin_prompts()
@@ -267,3 +283,37 @@ def test_quality_target_report_says_whether_the_eval_split_confirms_the_search()
     assert _search_table(data)[2][-1][2] == "missed by 8.3%"
     assert _ratio_words(data).startswith("ratio 0.100 (searched") and "0.25" not in _ratio_words(data)
     assert _ratio_words({"config": {"ratio": 0.25}}) == "ratio 0.25"
+
+
+def _side(rate, ppl, file_bytes=1000):
+    cpu = "CPUExecutionProvider"
+    return {"latency": {cpu: {"decode_tok_s": rate}}, "file_bytes": file_bytes, "eval": {"overall": {"ppl": ppl}},
+            "label": "ONNX Runtime GenAI builder int4 (dense)", "ppl": ppl}
+
+
+def test_verdict_picks_the_faster_builder_as_baseline_and_says_when_the_expert_loses():
+    """The baseline is the builder's artifact unless our dense export is better on both axes; an expert that
+    does not beat it on both is told so, naming the better thing to ship."""
+    from cusprun_edge.report import shipping_baseline, verdict
+
+    def data(builder, dense, expert):
+        return {"baseline": builder, "dense": {**dense, "precision": "int4"}, "expert": expert,
+                "three_way": {"dense_quantized": {"ppl": dense["eval"]["overall"]["ppl"]}},
+                "config": {"expert": EXPERT}}
+
+    # ours is better in quality but slower: the builder, the faster artifact, is what a user ships
+    d = data(_side(200.0, 32.8), _side(150.0, 26.0), _side(230.0, 31.0))
+    assert shipping_baseline(d)["side"] == "baseline"
+    line = verdict(d)
+    assert line.startswith("Expert vs ONNX Runtime GenAI builder int4 (dense), what a user would otherwise ship: "
+                           "1.15x faster decode (230.0 vs 200.0 tokens/s on CPU)")
+    assert "does not beat" not in line
+    # an expert faster than our slow dense but slower than the builder is never called faster than what users have
+    d = data(_side(200.0, 32.8), _side(150.0, 26.0), _side(180.0, 31.0))
+    line = verdict(d)
+    assert "0.90x the decode" in line and "faster" not in line.split(":")[1].split(",")[0]
+    assert line.endswith("is the better thing to ship.")
+    # ours better on both: our dense export is the baseline
+    d = data(_side(200.0, 32.8), _side(210.0, 26.0), _side(230.0, 27.0))
+    assert shipping_baseline(d)["side"] == "dense"
+    assert "perplexity 1.04x (27.0 vs 26.0)" in verdict(d) and verdict(d).endswith("the better thing to ship.")

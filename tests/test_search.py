@@ -123,3 +123,30 @@ def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
     tune = [t for c in ExpertSpec.parse(cfg.expert).corpora().values() for t in c.tune]
     chosen = next(p for p in search["points"] if p["ratio"] == round(search["ratio"], 4))
     assert chosen["passed"] and perplexity(torch_logits_fn(expert), etok, tune) == pytest.approx(chosen["ppl"], rel=1e-4)
+
+
+def test_search_judges_each_ratio_on_the_int4_artifact_as_it_would_ship(tmp_path):
+    """With an int4 target the search measures every probe with its weights rounded by the build's plan (the
+    artifact's logits, simulated in PyTorch), and records what it judged."""
+    from cusprun_edge.corpora import ExpertSpec
+    from cusprun_edge.expert_io import load_expert
+    from cusprun_edge.pipeline import PruneStage, ScoreStage, _as_shipped
+    from cusprun_edge.stages import BuildConfig, BuildContext
+
+    data = saved_model_and_notes(tmp_path, 20)
+    cfg = BuildConfig(model=str(tmp_path / "model"), expert=f"domain={data}", method="magnitude",
+                      max_ppl_ratio=1.5, precision="int4", quant_plan="fast")
+    ctx = BuildContext(cfg, tmp_path / "build")
+    for stage in (ScoreStage(), PruneStage()):
+        ctx.stage_dir(stage.name).mkdir(parents=True)
+        record = stage.run(ctx, ctx.stage_dir(stage.name))
+    search = record["ratio_search"]
+    assert search["judged_as"].startswith("int4, fast plan")
+    assert all(0.02 <= p["ratio"] <= 0.45 for p in search["points"])
+    expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
+    corpora = ExpertSpec.parse(cfg.expert).corpora()
+    tune = [t for c in corpora.values() for t in c.tune]
+    chosen = next(p for p in search["points"] if p["ratio"] == round(search["ratio"], 4))
+    shipped = _as_shipped(etok, corpora, "int4", "fast")(expert)
+    assert perplexity(torch_logits_fn(shipped), etok, tune) == pytest.approx(chosen["ppl"], rel=1e-4)
+    assert perplexity(torch_logits_fn(expert), etok, tune) != pytest.approx(chosen["ppl"], rel=1e-4)

@@ -43,7 +43,8 @@ def every_linear(model) -> list[str]:
 
 
 @torch.no_grad()
-def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_size: int = 8) -> dict[str, np.ndarray]:
+def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_size: int = 8,
+                max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:
     """Module name -> sum over the tokens of `texts` (padding excluded) of x x^T, x the module's input."""
     modules = dict(model.named_modules())
     grams = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
@@ -51,8 +52,8 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
 
     def hook(name):
         def record(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])[mask["flat"]].double()
-            grams[name] += x.T @ x
+            x = args[0].reshape(-1, args[0].shape[-1])[mask["flat"]].float()
+            grams[name] += (x.T @ x).double()  # a batch's sum in fp32 (a few thousand tokens), the total in fp64
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -62,7 +63,7 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
             texts = [texts[i * len(texts) // MAX_DOCUMENTS] for i in range(MAX_DOCUMENTS)]
         for s in range(0, len(texts), batch_size):
             enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=MAX_TOKENS)
+                            max_length=max_tokens)
             mask["flat"] = enc["attention_mask"].reshape(-1).bool().to(device)
             model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                   use_cache=False)
