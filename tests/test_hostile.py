@@ -33,22 +33,17 @@ DOCS = ["The quick brown fox jumps over the lazy dog near the river bank.",
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """A workspace: a tiny HF model M, its pruned expert E and E's fp32 export ART, a corpus C (12 documents), and
-    broken variants of each."""
-    from tiny import tiny_model
+    """A workspace: a tiny HF model M, its pruned expert E and E's fp32 export ART (the tiny artifacts other test
+    files build once per session), a corpus C (12 documents), and broken variants of each."""
+    from test_validate import build_tiny_artifacts
 
     from cusprun_edge.expert_io import save_expert
-    from cusprun_edge.export import export_model
-    from cusprun_edge.prune import prune_model
 
+    art = build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
     root = tmp_path_factory.mktemp("hostile")
-    model, tok = tiny_model("llama")
-    model.save_pretrained(root / "M")
-    tok.save_pretrained(root / "M")
-    expert = copy.deepcopy(model)
-    prune_model(expert, None, [], "magnitude", 0.3)
-    save_expert(expert, tok, root / "E", {"method": "magnitude"})
-    export_model(expert, tok, "x86-cpu", root / "ART", precision="fp32")
+    shutil.copytree(art["dense_hf"], root / "M")
+    save_expert(copy.deepcopy(art["expert_model"]), art["tok"], root / "E", {"method": "magnitude"})
+    shutil.copytree(art["expert_art"], root / "ART")
     corpus = root / "C"
     corpus.mkdir()
     for i in range(12):
@@ -280,7 +275,7 @@ def _wait_for(predicate, proc, timeout=120.0):
 
 def test_ctrl_c_and_sigkill_during_export(ws, tmp_path):
     """Ctrl-C: exit 130, one line, nothing left (beside the output or in the temporary directory). SIGKILL
-    leaves the output's staging directory only; the next export to the same place removes it."""
+    leaves the output's staging directories only; the next run writing the same output removes them."""
     out, system_tmp = ws / "x", tmp_path / "tmp"
     system_tmp.mkdir()
     before = _tree(ws)
@@ -298,13 +293,12 @@ def test_ctrl_c_and_sigkill_during_export(ws, tmp_path):
     proc.communicate()
     assert list(system_tmp.iterdir()) == []  # every temporary file was in the output's staging directory
     assert len(list(ws.glob("x.tmp-*"))) == 2 and not out.exists()
-    try:
-        code, _, err = run_main("export", "--model", ws / "E", "--precision", "fp32", "--out", out, cwd=ws)
+    try:  # the next run writing there (a quick one: a score file) removes them
+        code, _, err = run_main(*[a.format(ws=ws) for a in SCORE], "--max-length", "32", "--out", out, cwd=ws)
         assert code == 0, err
-        assert (out / "manifest.json").is_file() and (out / "export.log").is_file()
-        assert list(ws.glob("x.tmp-*")) == []
+        assert out.is_file() and list(ws.glob("x.tmp-*")) == []
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        out.unlink(missing_ok=True)
     assert _tree(ws) == before
 
 
