@@ -90,7 +90,8 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     arch.spec_for_model_type(config.model_type)
     raw = getattr(config, "cusprun_structure", None)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # the auto_map in config.json is for transformers' users; we build the shapes ourselves, no remote code
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if raw:
         shape_like(model, Structure.from_dict(raw))
     vocab = getattr(config, "cusprun_vocab", None)

@@ -1,9 +1,10 @@
 """The stage base of the `build` pipeline: its config, the context stages share, and `Stage` itself.
 
 Stages (in their own modules) import this module only; `pipeline.py` composes them. A stage's
-fingerprint covers its config keys, its upstream stages' fingerprints, the tool version and a hash of
-the code it runs, found from its imports (`stage_code`), so a stage re-runs when that code changed (and
-every stage after it, through the upstream fingerprints).
+fingerprint covers its config keys, a digest of the inputs they name (the model's files, the corpora, the
+target profile: `INPUTS`), its upstream stages' fingerprints, the tool version and a hash of the code it
+runs, found from its imports (`stage_code`), so a stage re-runs when any of them changed (and every stage
+after it, through the upstream fingerprints).
 """
 
 from __future__ import annotations
@@ -70,9 +71,21 @@ class BuildContext:
         self.progress = progress or Progress()
         self._model = None
         self.fingerprints: dict[str, str] = {}
+        self._inputs: dict[str, str] = {}
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
+
+    def input_digest(self, key: str) -> str:
+        """A digest of what the config value `key` names outside the build (`INPUTS`: the model's files, the
+        expert's corpora, the target profile), so a stage whose config keys name it re-runs when it changes.
+        One that cannot be read digests as such: the stage that reads it reports why."""
+        if key not in self._inputs:
+            try:
+                self._inputs[key] = INPUTS[key](getattr(self.config, key))
+            except Exception:
+                self._inputs[key] = "unreadable"
+        return self._inputs[key]
 
     def dense(self):
         """The dense model and tokenizer (loaded once per build, on first use)."""
@@ -86,11 +99,51 @@ class BuildContext:
         return self._model
 
 
+def _files_digest(paths) -> str:
+    """Names, sizes and modification times (a model is GBs: its bytes are not read on every build)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        st = path.stat()
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _model_digest(source: str) -> str:
+    from .models import EMBEDDED, resolve_source
+
+    kind, where = resolve_source(source)
+    if kind == "embedded":
+        return _files_digest([Path(EMBEDDED[where].locate())])
+    if kind == "hub":
+        return str(where)
+    where = Path(where)
+    return _files_digest([where] if where.is_file() else [p for p in where.rglob("*") if p.is_file()])
+
+
+def _corpora_digest(expert: str) -> str:
+    from .corpora import ExpertSpec
+
+    corpora = ExpertSpec.parse(expert).corpora()  # every split: calibration, held apart, held out, multiple choice
+    text = json.dumps({name: asdict(c) for name, c in corpora.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _target_digest(target: str) -> str:
+    from .targets import resolve_target
+
+    profile = {k: v for k, v in asdict(resolve_target(target)).items() if k != "path"}  # its content, not its place
+    return hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# config keys that name an input from outside the build -> how to digest it
+INPUTS = {"model": _model_digest, "expert": _corpora_digest, "target": _target_digest}
+
+
 # --------------------------------------------------------------------------- the code a stage runs
 #
 # A stage's fingerprint hashes the source it runs, found from its imports rather than kept by hand (a
-# hand list once forgot damage.py, and a changed prune was silently skipped). From the stage class, the
-# statements of its own module that it reaches by name, then every package module those import, every
+# hand list once forgot damage.py, and a changed prune was silently skipped): its own module, then every
+# package module imported by the statements of its module that the stage class reaches by name, every
 # module those import, and so on, counting imports inside functions and relative imports.
 
 
@@ -195,30 +248,20 @@ def _reached(tree: ast.Module, qualname: str) -> list[ast.stmt]:
     return sorted(seen.values(), key=lambda s: s.lineno)
 
 
-def _source_of(text: str, stmts: list[ast.stmt]) -> str:
-    lines = text.splitlines()
-    spans = []
-    for stmt in stmts:
-        first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", []))])
-        spans.append("\n".join(lines[first - 1: stmt.end_lineno]))
-    return "\n".join(spans)
-
-
 @lru_cache(maxsize=None)
-def _own_code(path: Path, mtime_ns: int, size: int, qualname: str) -> tuple[list, str]:
-    """The import statements and the source of what the class `qualname` reaches in its own module."""
-    text, tree, _ = _parsed(path, mtime_ns, size)
-    stmts = _reached(tree, qualname)
-    return _import_nodes(stmts), _source_of(text, stmts)
+def _own_imports(path: Path, mtime_ns: int, size: int, qualname: str) -> list:
+    """The import statements among what the class `qualname` reaches in its own module."""
+    return _import_nodes(_reached(_parsed(path, mtime_ns, size)[1], qualname))
 
 
 def stage_code(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
-    """The code `stage_cls` runs: {file: sha256}, its own module's reached statements under their file's
-    name, and every package module they import transitively."""
+    """The code `stage_cls` runs: {file: sha256} of its own module (all of it) and of every package module
+    that what the stage reaches of its own module imports, transitively. Only the imports are followed from
+    the reached part: pipeline.py's prune stage does not run report.py, which pipeline.py also imports."""
     modules = package_modules(package_dir)
     own = stage_cls.__module__
     own_path = modules.get(own) or Path(inspect.getsourcefile(stage_cls))  # a stage from outside the package
-    imports, own_source = _own_code(own_path, *_stat(own_path), stage_cls.__qualname__)
+    imports = _own_imports(own_path, *_stat(own_path), stage_cls.__qualname__)
     graph = import_graph(package_dir)
     todo = list(_imported(imports, own, own_path.name == "__init__.py", modules))
     closure: set[str] = set()
@@ -227,12 +270,11 @@ def stage_code(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> dict[str, st
         if name not in closure:
             closure.add(name)
             todo.extend(graph[name])
-    closure.discard(own)  # its own module counts by what the stage reaches of it, hashed below
     base = package_dir.parent
     code = {modules[m].relative_to(base).as_posix(): hashlib.sha256(_parse(modules[m])[0].encode()).hexdigest()
             for m in closure}
     key = own_path.relative_to(base).as_posix() if own in modules else own_path.name
-    code[key] = hashlib.sha256(own_source.encode()).hexdigest()
+    code[key] = hashlib.sha256(_parse(own_path)[0].encode()).hexdigest()
     return dict(sorted(code.items()))
 
 
@@ -253,6 +295,7 @@ class Stage:
     def fingerprint(self, ctx: BuildContext) -> str:
         cfg = asdict(ctx.config)
         parts = {k: cfg[k] for k in self.config_keys()}
+        parts["inputs"] = {k: ctx.input_digest(k) for k in self.config_keys() if k in INPUTS}
         parts["upstream"] = [ctx.fingerprints[d] for d in self.depends]
         parts["version"] = __version__
         parts["code"] = code_hash(type(self))
