@@ -477,7 +477,8 @@ def bench(
     names = [p for p in (providers or "").split(",") if p.strip()] or None
     with outputs.staging(out) as stage:  # the workers' temporary files live in OUT's staging directory
         record = run_bench(artifact, providers=names, target=target, threads=threads, quick=quick, out=None)
-        failed = [f"{r['artifact']} on {r['provider'].replace('ExecutionProvider', '')}: {r['status']}"
+        failed = [f"{r['artifact']} on {r['provider'].replace('ExecutionProvider', '')}: "
+                  + r["status"].removeprefix("error: ").removeprefix("UserError: ")
                   for r in summary_rows(record) if r["status"].startswith("error")]
         if failed or not any(r["status"] == "measured" for r in summary_rows(record)):
             raise UserError(f"benchmark failed, nothing was written: {'; '.join(failed) or 'no provider ran'}")

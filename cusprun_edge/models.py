@@ -164,8 +164,15 @@ def cache_state(name: str) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    """One line of a library's error: its first line (with the next when it ends in ':'), never a pointer to a
+    report we did not print."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if "ignore_mismatched_sizes" in text:
+        text = "the weights' shapes do not match config.json (a changed hidden_size or intermediate_size?)"
+    return f"{type(exc).__name__}: {text[:240]}"
 
 
 def _check_hf_dir(path: Path, allow_pickle: bool) -> None:

@@ -167,7 +167,8 @@ CASES = {
     "garbage safetensors": ([*SCORE, "--model", "{ws}/M-garbage", "--out", "{ws}/s.st"], "could not load"),
     "config.json is []": ([*SCORE, "--model", "{ws}/M-config-list", "--out", "{ws}/s.st"], "expected a JSON object"),
     "hidden_size is 'abc'": ([*SCORE, "--model", "{ws}/M-hidden-abc", "--out", "{ws}/s.st"], "could not load"),
-    "inconsistent dimensions": ([*SCORE, "--model", "{ws}/M-inconsistent", "--out", "{ws}/s.st"], "could not load"),
+    "inconsistent dimensions": ([*SCORE, "--model", "{ws}/M-inconsistent", "--out", "{ws}/s.st"],
+                                "do not match config.json"),
     "expert with model_type 7": ([*SCORE, "--model", "{ws}/E-type7", "--out", "{ws}/s.st"], "model_type"),
     "expert with truncated weights": ([*SCORE, "--model", "{ws}/E-truncated", "--out", "{ws}/s.st"], "E-truncated"),
     # 5: output paths the OS would refuse
