@@ -75,14 +75,29 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
     def say(what):  # progress on stderr: a Gemma run is long on a busy machine
         print(f"[{time.time() - started:7.0f} s] {what}", file=sys.stderr, flush=True)
 
-    key = f"{model_name}/{SPEC}/{ratio:.2f}/{plan}"
+    key = f"{model_name}/{SPEC}/{ratio:.2f}/{plan}" + (f"/size={size}" if size else "")
     model, tok = load_model(model_name)
     corpora = ExpertSpec.parse(SPEC).corpora()
     calib = [t for c in corpora.values() for t in c.calib]
     texts = clip_to_tokens(tok, [t for c in corpora.values() for t in c.eval], MAX_TOKENS)
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
+    before = data["runs"].get(key, {})
     entry: dict = {"model": model_name, "setting": SPEC, "ratio": ratio, "quant_plan": plan, "eval_documents": len(texts)}
-    entry["dense_fp32"] = _quality(torch_logits_fn(model), tok, texts, tok, len(tok))
+
+    def save(done: str):  # after each phase: an interrupted run keeps what it measured
+        entry["done"] = done
+        entry["machine"] = machine()
+        latest = json.loads(path.read_text()) if path.exists() else data  # other runs may have written since
+        latest["runs"][key] = entry
+        write_json("vocab.json", latest)
+
+    if (before.get("dense_fp32") or {}).get("dense_tokens") == sum(max(0, len(i) - 1) for i in tok(texts)["input_ids"]):
+        entry["dense_fp32"] = before["dense_fp32"]  # the dense model's figure does not change between runs
+    else:
+        entry["dense_fp32"] = _quality(torch_logits_fn(model), tok, texts, tok, len(tok))
     say(f"dense fp32: {entry['dense_fp32']}")
+    save("dense")
     expert = copy.deepcopy(model)
     if ratio > 0:
         from cusprun_edge.prune import prune_model
@@ -104,6 +119,7 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
                                                  "size_search", "coverage", "tokens_per_word", "note")}
     entry["trimmed_fp32"] = _quality(torch_logits_fn(expert), etok, texts, tok, len(etok))
     say(f"trimmed to {len(etok)}; fp32: {entry['trimmed_fp32']}")
+    save("trimmed fp32")
     dest = WORK / key.replace("/", "_").replace("=", "-").replace(",", "+")
     if not (dest / "manifest.json").exists():
         export_model(expert, etok, "x86-cpu", dest, precision="int4", force=True, held_out=SPEC,
@@ -115,6 +131,7 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
     builder, why = builder_or_reason(model_name)
     artifacts = {"trimmed_int4": dest}
     say(f"trimmed int4: {entry['trimmed_int4']}; builder: {builder or why}")
+    save("trimmed int4")
     if builder is not None:
         entry["builder_int4"] = {"files_mb": _mb(builder)}
         if builder_quality:
@@ -132,11 +149,7 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
             entry["speed"]["trimmed_vs_builder"] = (entry["speed"]["trimmed_int4"]["decode_tok_s"]
                                                     / entry["speed"]["builder_int4"]["decode_tok_s"])
     entry["seconds"] = round(time.time() - started, 1)
-    entry["machine"] = machine()
-    path = RESULTS / "vocab.json"
-    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
-    data["runs"][key] = entry
-    write_json("vocab.json", data)
+    save("all")
     return entry
 
 

@@ -417,8 +417,9 @@ def trim_vocab_for_corpora(model, tokenizer, calib_texts: list[str], *, corpora:
         search = choose_size(model, tokenizer, rule, tune, floor, on_point=on_point)
         size = search["size"]
         if size is None:
-            record = {"vocab_before": rule.vocab_size, "vocab_after": rule.vocab_size, "size_search": search, "coverage": {},
-                      "note": f"no vocabulary smaller than {rule.vocab_size} stays within {floor}x on the tune split"}
+            record = {"vocab_before": rule.vocab_size, "vocab_after": rule.vocab_size, "languages": rule.languages,
+                      "always_kept": len(rule.base), "size_search": search, "coverage": {},
+                      "note": f"no grid size below {rule.vocab_size} tokens stays within {floor}x on the tune split"}
             return tokenizer, record
     new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size))
     broken = round_trip_failures(tokenizer, new_tok, HOSTILE + calib_texts[:8])
