@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
 
-__all__ = ["UserError", "load_expert", "load_model", "__version__"]
+__all__ = ["UserError", "load_expert", "load_model", "write_hf_compat", "__version__"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from .expert_io import load_expert
 
         return load_expert
+    if name == "write_hf_compat":
+        from .expert_io import write_hf_compat
+
+        return write_hf_compat
     raise AttributeError(name)
