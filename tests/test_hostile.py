@@ -308,7 +308,7 @@ def test_second_build_is_refused_and_ctrl_c_keeps_finished_stages(ws, tmp_path):
     first with exit 130 and one line saying what it kept."""
     out = ws / "b"
     before = _tree(ws)
-    args = [a.format(ws=ws) for a in BUILD] + ["--quick-bench", "--threads", "1", "--out", out]
+    args = [a.format(ws=ws) for a in BUILD] + ["--quick-bench", "--threads", "1", "--no-baseline", "--out", out]
     proc = _cli_process(*args, tmpdir=tmp_path)
     try:
         _wait_for(lambda: (out / "build.json").is_file(), proc)
