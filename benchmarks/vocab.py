@@ -153,6 +153,32 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
     return entry
 
 
+def coverage_table(model_name: str, sizes: list[int]) -> dict:
+    """Tokenizer only (no model run): per size, the eval split's dense tokens kept whole and tokens per word."""
+    from transformers import AutoTokenizer
+
+    from cusprun_edge.baseline import hf_directory
+    from cusprun_edge.corpora import ExpertSpec
+    from cusprun_edge.tokenizer_trim import trim_tokenizer
+    from cusprun_edge.vocab import KeepRule, coverage, expert_languages, tokens_per_word
+
+    tok = AutoTokenizer.from_pretrained(str(hf_directory(model_name)))
+    corpora = ExpertSpec.parse(SPEC).corpora()
+    rule = KeepRule(tok, [t for c in corpora.values() for t in c.calib], expert_languages(corpora))
+    texts = [t for c in corpora.values() for t in c.eval]
+    rows = {"dense": {"tokens_per_word": round(tokens_per_word(tok, texts), 4)}}
+    for size in sizes:
+        keep = rule.keep(size)
+        new_tok, _ = trim_tokenizer(tok, keep)
+        rows[str(size)] = {"coverage": round(coverage(tok, keep, texts), 5),
+                           "tokens_per_word": round(tokens_per_word(new_tok, texts), 4)}
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
+    data.setdefault("coverage_by_size", {})[f"{model_name}/{SPEC}/eval"] = rows
+    write_json("vocab.json", data)
+    return rows
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks vocab")
     p.add_argument("--model", default="gemma3-270m")
@@ -162,7 +188,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--size", type=int, default=None, help="a fixed vocabulary size instead of the search")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-builder-quality", action="store_true", help="time the builder's artifact, do not score it")
+    p.add_argument("--coverage", default="", help="only the tokenizer's coverage table at these comma-separated sizes")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
+    if a.coverage:
+        print(json.dumps(coverage_table(a.model, [int(x) for x in a.coverage.split(",")]), indent=1))
+        return
     entry = run(a.model, a.ratio, a.plan, a.floor, a.size, a.no_speed, not a.no_builder_quality)
     print(json.dumps({k: v for k, v in entry.items() if k != "machine"}, indent=1, default=str))
