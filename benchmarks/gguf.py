@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine, write_json
+from .common import machine, write_json
 
 WORK = Path(__file__).resolve().parent / "work" / "gguf"
 DEMO_EXPERT = Path(__file__).resolve().parent.parent / "build" / "demo" / "prune" / "expert"
@@ -93,6 +94,7 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
     source = source_gguf_for(str(expert_dir))
     if source is None:
         raise SystemExit(f"{expert_dir} was not pruned from a GGUF; this benchmark compares against its source GGUF")
+    say("export")
     t0 = time.perf_counter()
     manifest = export_gguf(model, tok, WORK / "expert", source=str(expert_dir), source_gguf=source, requant=requant,
                            force=True)
@@ -103,12 +105,16 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
     corpora = ExpertSpec.parse(spec).corpora()
     eval_texts = [t for c in corpora.values() for t in c.eval]
     ids = [tok(t)["input_ids"][:512] for t in eval_texts[:8]]
+    say("parity")
     par = parity(model, expert_gguf, ids, threads=threads, exact=True)
     prompts = [q["prompt"] for q in prompts_for(spec)]
+    say("greedy answers")
     greedy = greedy_agreement(model, tok, expert_gguf, prompts, max_new_tokens=32, threads=threads)
 
+    say("perplexity")
     ppl = {"expert_gguf": held_out_nll(expert_gguf, eval_texts, threads=threads),
            "dense_source_gguf": held_out_nll(source, eval_texts, threads=threads)}
+    say("speed")
     speed = alternating_speed({"dense_source_gguf": source, "expert_gguf": expert_gguf}, "\n\n".join(eval_texts),
                               rounds=rounds, threads=threads)
     d, e = speed["models"]["dense_source_gguf"], speed["models"]["expert_gguf"]
@@ -139,8 +145,17 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
                       "decode_tok_s": {k: round(v["decode_tok_s"], 1) for k, v in speed["models"].items()},
                       "parity": par, "greedy_identical": f"{greedy['identical']}/{greedy['prompts']}",
                       "copied": copies}, indent=1))
-    print(f"wrote {path} ({RESULTS})")
+    from .common import RESULTS
+    from .results_md import write_results_md
+
+    if RESULTS == Path(__file__).resolve().parent / "results":  # RESULTS.md reads benchmarks/results/ only
+        path = f"{path} and {write_results_md()}"
+    print(f"wrote {path}")
     return result
+
+
+def say(step: str) -> None:
+    print(f"[gguf {time.strftime('%H:%M:%S')}] {step}", file=sys.stderr, flush=True)
 
 
 def _type_counts(manifest: dict) -> dict:

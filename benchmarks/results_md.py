@@ -284,6 +284,33 @@ def _mc_section(m: dict) -> list[str]:
     return lines + [""]
 
 
+def _gguf_section(g: dict) -> list[str]:
+    """The expert as a GGUF in llama.cpp beside the dense source GGUF (benchmarks/gguf.py)."""
+    ex, ppl, sp = g["export"], g["held_out_ppl"], g["speed"]
+    d, e = sp["models"]["dense_source_gguf"], sp["models"]["expert_gguf"]
+    par, gr, cp = g["parity_vs_pytorch_fp32"], g["greedy_vs_pytorch_fp32"], g["copied_blocks"]
+    return [
+        f"{g['what'][:1].upper()}{g['what'][1:]}: expert `{g['expert']['spec']}` ({g['expert']['method']}, "
+        f"{g['expert']['achieved_ratio']:.1%} of prunable parameters removed), llama-cpp-python "
+        f"{g['machine']['llama_cpp_python']}. {_machine_line(g['machine'])}", "",
+        "| GGUF | held-out ppl (llama.cpp) | decode tok/s | prefill tok/s | file MB |", "|---|---|---|---|---|",
+        f"| dense source (Q4_1, Q8_0 embedding) | {ppl['dense_source_gguf']['ppl']:.2f} | {d['decode_tok_s']:.1f} | "
+        f"{d['prefill_tok_s']:.0f} | {ex['dense_bytes'] / 2**20:.1f} |",
+        f"| expert ({ex['architecture']}) | {ppl['expert_gguf']['ppl']:.2f} | {e['decode_tok_s']:.1f} | "
+        f"{e['prefill_tok_s']:.0f} | {ex['bytes'] / 2**20:.1f} |", "",
+        f"Expert/dense: perplexity {ppl['ratio']:.3f}x, decode {sp['decode_speedup']:.2f}x, prefill "
+        f"{sp['prefill_speedup']:.2f}x ({sp['threads']} threads, {sp['rounds']} alternating rounds of "
+        f"{sp['prompt_tokens']} prompt and {sp['decode_tokens']} decoded tokens, medians; per-round figures in "
+        f"gguf.json). Held-out: the expert's eval split, {ppl['dense_source_gguf']['tokens']} tokens, each file's own "
+        f"tokenizer. Export: {ex['counts']['copied']} weights copied from the source GGUF "
+        f"({cp['rows']} rows checked byte for byte), {ex['counts']['requantized']} re-quantized to "
+        f"{ex['requant'].upper()}, {len(ex['fallbacks'])} fell back. Against the expert in PyTorch fp32: largest "
+        f"logit difference {par['max_abs_diff']:.3f} (logits up to {par['max_abs_logit']:.1f}), top-1 agreement "
+        f"{par['top1_agreement']:.3f} on {par['positions']} held-out positions ({par['settings']}); greedy answers "
+        f"identical for {gr['identical']} of {gr['prompts']} prompts ({gr['max_new_tokens']} new tokens, llama.cpp "
+        f"defaults; the same first {', '.join(str(r['agree_tokens']) for r in gr['rows'])} tokens).", ""] + ([f"**{g['note']}**", ""] if g.get("note") else [])
+
+
 def write_results_md() -> Path:
     lines = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks`) from `benchmarks/results/*.json`; every figure "
@@ -322,6 +349,9 @@ def write_results_md() -> Path:
     builder = _load("builder.json")
     if builder:
         lines += ["## Our int4 export beside ONNX Runtime GenAI's model builder", ""] + _builder_section(builder)
+    gguf = _load("gguf.json")
+    if gguf:
+        lines += ["## The expert in llama.cpp (GGUF)", ""] + _gguf_section(gguf)
     for name, title in (("speed.json", "Speed"), ("speed-quick.json", "Speed (quick mode)")):
         s = _load(name)
         if s:
