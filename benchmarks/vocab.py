@@ -38,22 +38,56 @@ def _quality(logits_fn, own_tok, texts, dense_tok, vocab: int) -> dict:
 
 
 def _speed(artifacts: dict[str, Path], settings: dict) -> dict:
-    """Greedy decode tokens/s through onnxruntime_genai, alternating between the artifacts round by round."""
+    """Greedy decode tokens/s through onnxruntime_genai, alternating between the artifacts round by round; each
+    generator is sized for at least 1,100 positions (a sliding-window cache, Gemma 3's, needs its window)."""
+    import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    from cusprun_edge.runtime import GenaiCausalLM
-
     prompts = {k: AutoTokenizer.from_pretrained(str(d))(PROMPT)["input_ids"] for k, d in artifacts.items()}
-    models = {k: GenaiCausalLM(str(d), "CPUExecutionProvider", threads=settings["threads"]) for k, d in artifacts.items()}
-    for k, m in models.items():  # warm-up
-        m.generate(prompts[k], 8, step_seconds=[])
+    models = {}
+    for k, d in artifacts.items():
+        config = og.Config(str(d))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": settings["threads"]}}}}))
+        models[k] = og.Model(config)
+
+    def decode(k: str, new: int) -> float:
+        span = max(len(prompts[k]) + new + 1, 1100)
+        params = og.GeneratorParams(models[k])
+        params.set_search_options(max_length=span, min_length=span, do_sample=False)
+        generator = og.Generator(models[k], params)
+        generator.append_tokens(prompts[k])
+        generator.generate_next_token()
+        t0 = time.perf_counter()
+        for _ in range(new):
+            generator.generate_next_token()
+        return new / (time.perf_counter() - t0)
+
+    for k in models:  # warm-up
+        decode(k, 8)
     rates: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(settings["rounds"]):
-        for k, m in models.items():
-            steps: list[float] = []
-            m.generate(prompts[k], settings["new_tokens"], step_seconds=steps)
-            rates[k].append(len(steps[1:]) / sum(steps[1:]) if len(steps) > 1 else 0.0)
+        for k in models:
+            rates[k].append(decode(k, settings["new_tokens"]))
     return {k: {"decode_tok_s": float(np.median(v)), "decode_tok_s_runs": v} for k, v in rates.items()}
+
+
+def speed_only(model_name: str, key: str) -> dict:
+    """Decode speed of an entry's cached int4 export against the builder's (after a run stopped before it)."""
+    from cusprun_edge.baseline import builder_artifact
+
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text())
+    entry = data["runs"][key]
+    dest = WORK / key.replace("/", "_").replace("=", "-").replace(",", "+")
+    speed = _speed({"trimmed_int4": dest, "builder_int4": builder_artifact(model_name)}, SPEED)
+    entry["speed"] = {**speed, "settings": SPEED, "prompt": PROMPT,
+                      "trimmed_vs_builder": speed["trimmed_int4"]["decode_tok_s"] / speed["builder_int4"]["decode_tok_s"]}
+    entry["done"] = "all (speed measured on its own after the run)"
+    data = json.loads(path.read_text())
+    data["runs"][key] = entry
+    write_json("vocab.json", data)
+    return entry["speed"]
 
 
 def _mb(directory: Path) -> float:
@@ -188,9 +222,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--size", type=int, default=None, help="a fixed vocabulary size instead of the search")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--no-builder-quality", action="store_true", help="time the builder's artifact, do not score it")
+    p.add_argument("--speed-only", default="", help="only decode speed, for this entry of vocab.json")
     p.add_argument("--coverage", default="", help="only the tokenizer's coverage table at these comma-separated sizes")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
+    if a.speed_only:
+        print(json.dumps(speed_only(a.model, a.speed_only), indent=1))
+        return
     if a.coverage:
         print(json.dumps(coverage_table(a.model, [int(x) for x in a.coverage.split(",")]), indent=1))
         return
