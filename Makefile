@@ -30,7 +30,7 @@ WHEEL_CACHE ?= $(HOME)/.cache/cusprun-edge/wheels/$(shell uname -m)-$(shell grep
 
 llama-cpp:
 	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
-	  echo "compiling llama-cpp-python $(LLAMA_CPP_VERSION) once (about 12 min on 2 cores), cached in $(WHEEL_CACHE)"; \
+	  echo "compiling llama-cpp-python $(LLAMA_CPP_VERSION) once (about 8 CPU-minutes), cached in $(WHEEL_CACHE)"; \
 	  mkdir -p $(WHEEL_CACHE) && CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION) \
 	    -w $(WHEEL_CACHE); }
