@@ -1,5 +1,5 @@
 """`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
-results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks gguf` the expert as GGUF in llama.cpp."""
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks vocab` vocabulary trimming; `python -m benchmarks gguf` the expert as GGUF in llama.cpp."""
 
 import argparse
 import os
@@ -42,6 +42,11 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
         mc.run(a.model, [s for s in a.settings.split(",") if s], [float(r) for r in a.ratios.split(",")],
                [r for r in a.rows.split(";") if r], a.device)
+        return
+    if sys.argv[1:2] == ["vocab"]:  # vocabulary trimming: size, coverage, quality per dense token, speed (vocab.py)
+        from . import vocab
+
+        vocab.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["gguf"]:  # the expert as GGUF in llama.cpp vs the dense source GGUF (benchmarks/gguf.py)
         from . import gguf
