@@ -289,7 +289,7 @@ class BenchStage(Stage):
     depends = ("export",)
 
     def config_keys(self):
-        return ("threads", "quick_bench", "baseline")
+        return ("threads", "quick_bench", "baseline", "target")
 
     def run(self, ctx, work: Path) -> dict:
         export = ctx.stage_dir("export")
@@ -307,8 +307,14 @@ class BenchStage(Stage):
         # what a user ships without us, measured in the same run: the GenAI builder's int4 of the dense model
         builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
         extra = [builder] if builder is not None else []
+        # every artifact at the same thread count: ours ask for the target's in genai_config, the builder's for none
+        # (GenAI then runs one thread), and a comparison at unequal threads says nothing
+        from .export.package import artifact_threads
+        from .targets import resolve_target
+
+        threads = ctx.config.threads or artifact_threads(resolve_target(ctx.config.target))
         record = bench([export / "dense", export / "expert", *extra], labels=["dense", "expert"] + [LABEL] * len(extra),
-                       target=ctx.config.target, threads=ctx.config.threads, quick=ctx.config.quick_bench,
+                       target=ctx.config.target, threads=threads, quick=ctx.config.quick_bench,
                        out=work / BENCH_FILE, on_run=on_run)
         measured = {p: e for p, e in record["providers"].items() if e["status"] == "measured"}
         errors = [f"{p}/{n}: {r['error']}" for p, e in measured.items() for n, r in e["results"].items()
