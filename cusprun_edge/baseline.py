@@ -83,23 +83,23 @@ def _key(hf_dir: Path, precision: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def builder_dir(source: str, precision: str = "int4") -> Path:
+def builder_dir(hf_dir: Path, precision: str = "int4") -> Path:
+    """Where the builder's export of the Hugging Face directory `hf_dir` is cached."""
     from .models import cache_root
 
-    hf_dir = hf_directory(source)
     return cache_root() / "builder" / f"{hf_dir.name}-{precision}-{_key(hf_dir, precision)}"
 
 
 def builder_artifact(source: str, precision: str = "int4", *, timeout: float = 1800) -> Path:
     """The builder's export of the dense model `source` for the CPU (cached); returns its directory.
     Raises UserError with the builder's last line when it fails."""
-    out = builder_dir(source, precision)
+    hf_dir = hf_directory(source)  # converting (or hashing) a GGUF is not free: once per call
+    out = builder_dir(hf_dir, precision)
     if (out / MANIFEST_FILE).is_file():
         return out
     failed = out.with_name(out.name + ".failed")  # the builder's answer is kept either way: it is slow to repeat
     if failed.is_file():
         raise UserError(failed.read_text().strip())
-    hf_dir = hf_directory(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     # built under a temporary name beside the cache entry, renamed when complete: an interrupted build is never used

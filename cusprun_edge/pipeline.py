@@ -183,14 +183,14 @@ def _as_shipped(tok, corpora, precision: str, plan: str):
     """model -> the same model as an int4 export of `plan` would store its weights (itself for other precisions)."""
     if precision != "int4":
         return lambda model: model
-    from .export.calibration import every_linear, input_grams, off_grid_linears
+    from .export.calibration import calibrated_linears, input_grams
     from .export.simulate import quantized_copy
 
     texts = [t for c in corpora.values() for t in c.calib]
     texts = [texts[i * len(texts) // SEARCH_DOCUMENTS] for i in range(min(SEARCH_DOCUMENTS, len(texts)))]
 
     def shipped(model):
-        names = every_linear(model) if plan == "fast" else off_grid_linears(model)
+        names = calibrated_linears(model, plan)
         grams = input_grams(model, tok, texts, names, max_tokens=SEARCH_TOKENS) if names else {}
         return quantized_copy(model, plan, grams)
 

@@ -162,10 +162,10 @@ def _calibration_texts(spec: str | None, plan: str = DEFAULT_PLAN) -> list[str]:
 def _grams(model, tokenizer, texts, timings, notes, plan: str = DEFAULT_PLAN) -> dict:
     """Input statistics for GPTQ-style quantization: of the weights on no 4-bit grid (exact plan; none: nothing to
     do), or of every weight (fast plan)."""
-    from .calibration import MAX_DOCUMENTS, every_linear, input_grams, off_grid_linears
+    from .calibration import MAX_DOCUMENTS, calibrated_linears, input_grams
 
     t = time.perf_counter()
-    names = every_linear(model) if plan == "fast" else off_grid_linears(model)
+    names = calibrated_linears(model, plan)
     if not names or not texts:
         return {}
     grams = input_grams(model, tokenizer, texts, names)

@@ -42,6 +42,11 @@ def every_linear(model) -> list[str]:
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in SHARED_INPUT]
 
 
+def calibrated_linears(model, plan: str) -> list[str]:
+    """The Linear modules an int4 plan quantizes GPTQ-style: every one (fast), or those on no 4-bit grid (exact)."""
+    return every_linear(model) if plan == "fast" else off_grid_linears(model)
+
+
 @torch.no_grad()
 def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_size: int = 8,
                 max_tokens: int = MAX_TOKENS) -> dict[str, np.ndarray]:

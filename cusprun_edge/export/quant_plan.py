@@ -181,6 +181,17 @@ def _fast_plan(weights, level, calibrated, worst) -> dict[str, TensorPlan]:
     return plan
 
 
+def quantize_entry(weight: np.ndarray, entry: TensorPlan, gram: np.ndarray | None = None,
+                   importance: np.ndarray | None = None) -> nbits.Quantized:
+    """W [K, N] stored as its plan entry says: GPTQ-style with its input Gram `gram` (method "gptq"), else by
+    nbits.quantize (`importance`: the mean square of each input). The export and its PyTorch simulation both
+    call this, so they store the same weights."""
+    if entry.method == "gptq":
+        return nbits.quantize_gptq(weight, entry.bits, gram, block=entry.block, symmetric=entry.kind == "none")
+    return nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method,
+                          importance=importance)
+
+
 def summarize(plan: dict[str, TensorPlan], paths: dict[str, str], records: dict[str, dict]) -> dict:
     """Manifest record: per tensor (by module path) its plan and what quantizing it measured."""
     tensors = {}

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import torch
 
-from . import nbits, quant_plan
+from . import quant_plan
 from .calibration import gram_for
 
 
@@ -36,12 +36,7 @@ def quantized_copy(model, plan_name: str = "fast", grams: dict[str, np.ndarray] 
     twin = copy.deepcopy(model)
     modules = dict(twin.named_modules())
     for name, entry in plan.items():
-        weight = weights[name][1]
-        if entry.method == "gptq":
-            q = nbits.quantize_gptq(weight, entry.bits, gram_for(grams, name), block=entry.block,
-                                    symmetric=entry.kind == "none")
-        else:
-            q = nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method)
+        q = quant_plan.quantize_entry(weights[name][1], entry, gram_for(grams, name))
         with torch.no_grad():
             modules[name].weight.copy_(torch.from_numpy(q.dequantize().T.copy()))
     return twin

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import nbits
+from . import nbits, quant_plan
 
 # Float initializers of at least this many values whose every value is an fp16 number are stored in fp16
 # with a Cast (SmolLM2's int4 export: 113.4 -> 98.5 MB; ONNX Runtime folds the Cast when it loads the model).
@@ -70,12 +70,7 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
         parts = []
         for name in names:
             weight = numpy_helper.to_array(matmuls[name][1])
-            if entry.method == "gptq":
-                q = nbits.quantize_gptq(weight, entry.bits, grams[name], block=entry.block,
-                                        symmetric=entry.kind == "none")
-            else:
-                q = nbits.quantize(weight, entry.bits, entry.kind, block=entry.block, method=entry.method,
-                                   importance=(importance or {}).get(name))
+            q = quant_plan.quantize_entry(weight, entry, (grams or {}).get(name), (importance or {}).get(name))
             records[name] = {"exact_blocks": q.exact_blocks, "blocks": q.blocks,
                              "max_abs_error": q.max_abs_error, "rel_rms_error": q.rel_rms_error}
             if grams and name in grams:
