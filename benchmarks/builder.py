@@ -57,9 +57,9 @@ class DecoderLogits:
 def quality(model, tokenizer, artifacts: dict[str, Path], threads: int) -> dict:
     """Held-out perplexity of each artifact, top-1 agreement and KL against PyTorch fp32 (one document at a
     time: no padding, so every decoder sees exactly the same tokens)."""
-    from cusprun_edge.corpora import ExpertSpec
-    from cusprun_edge.evaluate import torch_logits_fn
-    from cusprun_edge.validate import compare_texts
+    from cusprun_edge.config.corpora import ExpertSpec
+    from cusprun_edge.measure.evaluate import torch_logits_fn
+    from cusprun_edge.measure.validate import compare_texts
 
     texts = [t for corpus in ExpertSpec.parse(SPEC).corpora().values() for t in corpus.eval]
     reference = torch_logits_fn(model)
@@ -84,7 +84,7 @@ def quality(model, tokenizer, artifacts: dict[str, Path], threads: int) -> dict:
 def speed(artifacts: dict[str, Path], settings: dict) -> dict:
     """Decode tokens/s and time to first token through onnxruntime_genai, alternating between the
     artifacts round by round so that a busy machine slows them alike."""
-    from cusprun_edge.runtime import GenaiCausalLM
+    from cusprun_edge.measure.runtime import GenaiCausalLM
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, settings["prompt_tokens"]).tolist()
@@ -111,9 +111,9 @@ def file_mb(directory: Path) -> float:
 
 
 def run(also: dict[str, Path] | None = None, rounds: int = SPEED["rounds"], keep: Path | None = None) -> dict:
-    from cusprun_edge.baseline import builder_artifact
     from cusprun_edge.export import export_model
-    from cusprun_edge.models import load_model
+    from cusprun_edge.measure.baseline import builder_artifact
+    from cusprun_edge.model.load import load_model
 
     torch.set_num_threads(SPEED["threads"])
     model, tokenizer = load_model(MODEL)

@@ -16,7 +16,7 @@ def machine() -> dict:
     """The machine description shared with `cusprun-edge bench`, plus the date and flat versions."""
     import onnx
 
-    from cusprun_edge.bench import machine as bench_machine
+    from cusprun_edge.measure.bench import machine as bench_machine
 
     m = bench_machine()
     pkgs = m.get("packages", {})

@@ -19,9 +19,9 @@ import time
 import torch
 
 from cusprun_edge import load_model
-from cusprun_edge.corpora import ExpertSpec, all_builtin_corpora
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
+from cusprun_edge.config.corpora import ExpertSpec, all_builtin_corpora
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 from .common import RESULTS, machine, write_json
 from .quality import DEFAULT_MODEL, SETTINGS, device_name

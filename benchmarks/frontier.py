@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from cusprun_edge import load_model
-from cusprun_edge.bench import bench
-from cusprun_edge.corpora import ExpertSpec, calibration_documents
-from cusprun_edge.evaluate import perplexity, torch_logits_fn
+from cusprun_edge.config.corpora import ExpertSpec, calibration_documents
 from cusprun_edge.export import export_model
-from cusprun_edge.prune import prune_model
-from cusprun_edge.runtime import OnnxCausalLM
-from cusprun_edge.score import ScoreSet, score_model
-from cusprun_edge.vocab import trim_vocab_for_corpora, vocab_held_out
-from cusprun_edge.weights_read import weight_bytes_per_token
+from cusprun_edge.measure.bench import bench
+from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
+from cusprun_edge.measure.runtime import OnnxCausalLM
+from cusprun_edge.model.weights_read import weight_bytes_per_token
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import ScoreSet, score_model
+from cusprun_edge.prune.vocab import trim_vocab_for_corpora, vocab_held_out
 
 from .common import RESULTS, machine, write_json
 from .quality import SETTINGS
@@ -61,7 +61,7 @@ def _onnx_ppl(artifact: Path, tok, texts: list[str]) -> float:
 
 def _per_dense_token(logits_fn, own_tok, dense_tok, texts: list[str]) -> float:
     """A trimmed vocabulary's perplexity per dense token on the texts dense reads (first 512 dense tokens)."""
-    from cusprun_edge.evaluate import clip_to_tokens, text_quality
+    from cusprun_edge.measure.evaluate import clip_to_tokens, text_quality
 
     return text_quality(logits_fn, own_tok, clip_to_tokens(dense_tok, texts, 512), dense_tok,
                         batch_size=4)["ppl_per_dense_token"]

@@ -79,11 +79,11 @@ def main(argv: list[str]) -> None:
 def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
     import torch
 
-    from cusprun_edge.corpora import ExpertSpec
-    from cusprun_edge.expert_io import expert_record, load_expert
+    from cusprun_edge.config.corpora import ExpertSpec
     from cusprun_edge.export.gguf import GGUF_FILE, export_gguf, source_gguf_for
-    from cusprun_edge.generate import prompts_for
-    from cusprun_edge.llamacpp import alternating_speed, greedy_agreement, held_out_nll, parity
+    from cusprun_edge.measure.generate import prompts_for
+    from cusprun_edge.measure.llamacpp import alternating_speed, greedy_agreement, held_out_nll, parity
+    from cusprun_edge.model.expert_io import expert_record, load_expert
 
     torch.set_num_threads(threads)
     if not (expert_dir / "cusprun.json").is_file():

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from cusprun_edge import load_model
-from cusprun_edge.corpora import ExpertSpec, all_builtin_corpora
-from cusprun_edge.evaluate import mc_correct, torch_logits_fn
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
+from cusprun_edge.config.corpora import ExpertSpec, all_builtin_corpora
+from cusprun_edge.measure.evaluate import mc_correct, torch_logits_fn
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 from .common import machine, write_json
 from .quality import DEFAULT_MODEL, SETTINGS, _subset, device_name, variants

@@ -12,9 +12,9 @@ import json
 import time
 
 from cusprun_edge import load_model
-from cusprun_edge.corpora import ExpertSpec
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
+from cusprun_edge.config.corpora import ExpertSpec
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 from .common import RESULTS, machine, write_json
 

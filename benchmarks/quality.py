@@ -16,12 +16,12 @@ import time
 import torch
 
 from cusprun_edge import load_model
-from cusprun_edge.corpora import ExpertSpec, all_builtin_corpora, builtin_corpus
-from cusprun_edge.evaluate import mc_accuracy, perplexity, torch_logits_fn
-from cusprun_edge.methods import METHODS
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
-from cusprun_edge.structure import structure_of
+from cusprun_edge.config.corpora import ExpertSpec, all_builtin_corpora, builtin_corpus
+from cusprun_edge.measure.evaluate import mc_accuracy, perplexity, torch_logits_fn
+from cusprun_edge.model.structure import structure_of
+from cusprun_edge.prune.methods import METHODS
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 from .common import RESULTS, machine, write_json
 

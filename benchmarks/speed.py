@@ -1,6 +1,6 @@
 """Speed of experts against the dense model on ONNX Runtime, plus the pipeline's own stage times.
 
-First a real build (`cusprun_edge.pipeline.build`, x86-cpu int4, cusprun at 0.25) from scratch, whose
+First a real build (`cusprun_edge.pipeline.build.build`, x86-cpu int4, cusprun at 0.25) from scratch, whose
 per-stage seconds are the pipeline's own cost. Then dense and experts at each ratio (the build's scores
 reused) are exported for x86-cpu (int4 and fp32) and measured side by side in one `bench` run per
 precision, so each speed-up is a ratio measured in the same run. The reference a user starts from, dense
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from cusprun_edge import load_expert, load_model
-from cusprun_edge.bench import bench
-from cusprun_edge.corpora import ExpertSpec
+from cusprun_edge.config.corpora import ExpertSpec
 from cusprun_edge.export import export_model
-from cusprun_edge.pipeline import BuildConfig, build
-from cusprun_edge.prune import prune_and_save
-from cusprun_edge.score import ScoreSet
+from cusprun_edge.measure.bench import bench
+from cusprun_edge.pipeline.build import build
+from cusprun_edge.pipeline.config import BuildConfig
+from cusprun_edge.prune.pruner import prune_and_save
+from cusprun_edge.prune.score import ScoreSet
 
 from .common import machine, write_json
 

@@ -31,7 +31,7 @@ SPEED = {"new_tokens": 128, "rounds": 5, "threads": 2}
 
 
 def _quality(logits_fn, own_tok, texts, dense_tok, vocab: int) -> dict:
-    from cusprun_edge.evaluate import text_quality
+    from cusprun_edge.measure.evaluate import text_quality
 
     q = text_quality(logits_fn, own_tok, texts, dense_tok, batch_size=max(1, int(4 * 49152 / vocab)))
     return {k: q[k] for k in ("ppl_per_dense_token", "bits_per_byte", "ppl", "tokens", "dense_tokens")}
@@ -74,7 +74,7 @@ def _speed(artifacts: dict[str, Path], settings: dict) -> dict:
 
 def speed_only(model_name: str, key: str) -> dict:
     """Decode speed of an entry's cached int4 export against the builder's (after a run stopped before it)."""
-    from cusprun_edge.baseline import builder_artifact
+    from cusprun_edge.measure.baseline import builder_artifact
 
     path = RESULTS / "vocab.json"
     data = json.loads(path.read_text())
@@ -97,12 +97,12 @@ def _mb(directory: Path) -> float:
 def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact", floor: float | None = None,
         size: int | None = None, skip_speed: bool = False, builder_quality: bool = True) -> dict:
     from cusprun_edge import load_model
-    from cusprun_edge.baseline import builder_or_reason
-    from cusprun_edge.corpora import ExpertSpec, calibration_documents
-    from cusprun_edge.evaluate import clip_to_tokens, torch_logits_fn
+    from cusprun_edge.config.corpora import ExpertSpec, calibration_documents
     from cusprun_edge.export import export_model
-    from cusprun_edge.runtime import OnnxCausalLM
-    from cusprun_edge.vocab import DEFAULT_FLOOR, trim_vocab_for_corpora, vocab_held_out
+    from cusprun_edge.measure.baseline import builder_or_reason
+    from cusprun_edge.measure.evaluate import clip_to_tokens, torch_logits_fn
+    from cusprun_edge.measure.runtime import OnnxCausalLM
+    from cusprun_edge.prune.vocab import DEFAULT_FLOOR, trim_vocab_for_corpora, vocab_held_out
 
     started = time.time()
 
@@ -134,8 +134,8 @@ def run(model_name: str = "gemma3-270m", ratio: float = 0.0, plan: str = "exact"
     save("dense")
     expert = copy.deepcopy(model)
     if ratio > 0:
-        from cusprun_edge.prune import prune_model
-        from cusprun_edge.score import score_model
+        from cusprun_edge.prune.pruner import prune_model
+        from cusprun_edge.prune.score import score_model
 
         scores = score_model(expert, tok, corpora, show_progress=False)
         rec = prune_model(expert, scores, list(corpora), "cusprun", ratio, tokenizer=tok, corpora=corpora)
@@ -191,10 +191,10 @@ def coverage_table(model_name: str, sizes: list[int]) -> dict:
     """Tokenizer only (no model run): per size, the eval split's dense tokens kept whole and tokens per word."""
     from transformers import AutoTokenizer
 
-    from cusprun_edge.baseline import hf_directory
-    from cusprun_edge.corpora import ExpertSpec
-    from cusprun_edge.tokenizer_trim import trim_tokenizer
-    from cusprun_edge.vocab import KeepRule, coverage, expert_languages, tokens_per_word
+    from cusprun_edge.config.corpora import ExpertSpec
+    from cusprun_edge.measure.baseline import hf_directory
+    from cusprun_edge.model.tokenizer_trim import trim_tokenizer
+    from cusprun_edge.prune.vocab import KeepRule, coverage, expert_languages, tokens_per_word
 
     tok = AutoTokenizer.from_pretrained(str(hf_directory(model_name)))
     corpora = ExpertSpec.parse(SPEC).corpora()

@@ -14,19 +14,22 @@ from typing import Optional
 import typer
 
 from .errors import UserError
+from .pipeline.config import BuildConfig
+
+DEFAULTS = BuildConfig()  # each default lives once, in the config
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prune a general causal LLM into a small expert (Cus-Prun) and compile it to ONNX for an edge target.",
 )
 
-MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Embedded name, local HF dir, .gguf file, expert dir or hub id.")
-EXPERT = typer.Option("language=en,domain=general", "--expert", "-e",
+MODEL = typer.Option(DEFAULTS.model, "--model", "-m", help="Embedded name, local HF dir, .gguf file, expert dir or hub id.")
+EXPERT = typer.Option(DEFAULTS.expert, "--expert", "-e",
                       help="Expert dimensions, e.g. language=fr,domain=medical,task=qa (a value may be a path to your data).")
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow model code from the model's repository to run.")
 PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle checkpoints (.bin/.pt): only for sources you trust.")
 FORCE = typer.Option(False, "--force", help="Replace the output if it exists.")
-QUANT_PLAN = typer.Option("exact", "--quant-plan",
+QUANT_PLAN = typer.Option(DEFAULTS.quant_plan, "--quant-plan",
                           help="int4 plan: 'exact' (GGUF grids kept exactly, 8-bit lm_head: closest to fp32) or 'fast' "
                                "(plain 4-bit forms ONNX Runtime runs fastest, every weight rounded GPTQ-style).")
 
@@ -45,19 +48,6 @@ def _options(items: list[str]) -> dict:
     return out
 
 
-def _check_options(method: str, options: dict) -> None:
-    from .methods import check_options
-
-    check_options(method, options)
-
-
-def _check_precision(profile, precision) -> None:
-    """A precision the target cannot take is refused before anything loads."""
-    if precision is not None and precision not in profile.precisions:
-        raise UserError(f"precision '{precision}' is not available for target '{profile.name}'; "
-                        f"choose one of {', '.join(profile.precisions)}")
-
-
 def _console():
     from rich.console import Console
 
@@ -69,20 +59,8 @@ def _corpus_paths(spec) -> list[str]:
     return [v for v in (spec.dims.values() if spec else ()) if Path(v).expanduser().exists()]
 
 
-def _check_held_out(corpora: dict) -> None:
-    """A build validates on held-out documents: refuse up front corpora that have none (not after the export)."""
-    from .corpora import MIN_HELD_OUT_DOCS
-
-    if any(c.eval for c in corpora.values()):
-        return
-    mine = [name.removeprefix("user:") for name in corpora if name.startswith("user:")]
-    hint = (f"a corpus of your own ({', '.join(mine)}) needs at least {MIN_HELD_OUT_DOCS} documents, a quarter of "
-            "them held out" if mine else "add a built-in category")
-    raise UserError(f"the expert's corpora have no held-out documents to validate on; {hint}")
-
-
 def _load(model: str, trust_remote_code: bool, allow_pickle: bool):
-    from .models import load_model
+    from .model.load import load_model
 
     return load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
@@ -115,7 +93,7 @@ def _listing(title: str, columns: list[str], rows: list[list[str]], as_json: boo
 @app.command()
 def models(as_json: bool = JSON_OUT):
     """List the embedded models, whether each is installed, and its conversion cache."""
-    from .models import DEFAULT_MODEL, EMBEDDED, cache_state
+    from .model.load import DEFAULT_MODEL, EMBEDDED, cache_state
 
     rows = [[name, "yes" if name == DEFAULT_MODEL else "no", entry.description, entry.package,
              "yes" if entry.installed() else "no", cache_state(name)] for name, entry in EMBEDDED.items()]
@@ -125,7 +103,7 @@ def models(as_json: bool = JSON_OUT):
 @app.command()
 def targets(as_json: bool = JSON_OUT):
     """List the target profiles (built-in; pass a .toml path to --target for your own)."""
-    from .targets import list_targets
+    from .config.targets import list_targets
 
     rows = []
     for t in list_targets():
@@ -151,14 +129,14 @@ def score(
 ):
     """Score every prunable unit on the expert's calibration corpora (one pass serves every method)."""
     from . import outputs
-    from .corpora import ExpertSpec, all_builtin_corpora
-    from .score import score_model
+    from .config.corpora import ExpertSpec, all_builtin_corpora
+    from .prune.score import score_model
 
     spec = None if all_corpora else ExpertSpec.parse(expert)
     out = outputs.check_output(out, kind="file", force=force, owner=outputs.SCORES,
                                inputs=[model, *_corpus_paths(spec)])
     corpora = all_builtin_corpora() if all_corpora else spec.corpora()
-    from .models import load_model
+    from .model.load import load_model
 
     outputs.on_interrupt(f"nothing was written to {out}")
     m, tok = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
@@ -193,14 +171,13 @@ def prune(
     """Remove units for real and save the expert as a Hugging Face directory (transformers loads it with
     trust_remote_code=True through the modeling file it carries; --hf-compat adds a copy that needs none)."""
     from . import outputs
-    from .corpora import ExpertSpec
-    from .methods import get_method
-    from .prune import prune_and_save
-    from .score import ScoreSet, score_model
-    from .vocab import vocab_held_out
+    from .config.corpora import ExpertSpec
+    from .prune.methods import check_options, check_ratio, get_method
+    from .prune.pruner import prune_and_save
+    from .prune.score import ScoreSet, score_model
+    from .prune.vocab import vocab_held_out
 
-    if not 0 < ratio <= 0.9:
-        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    check_ratio(ratio)
     if (vocab_size is not None or vocab_floor is not None) and not prune_vocab:
         raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
     spec = get_method(method)
@@ -211,7 +188,7 @@ def prune(
         raise UserError(f"no score file at {scores}; run `cusprun-edge score` first" if not scores.exists()
                         else f"--scores {scores} is a directory; pass the score file `cusprun-edge score` wrote")
     method_options = _options(option)
-    _check_options(method, method_options)
+    check_options(method, method_options)
     corpora = expert_spec.corpora()
     outputs.on_interrupt(f"nothing was written to {out}")
     m, tok = _load(model, trust_remote_code, allow_pickle)
@@ -224,7 +201,7 @@ def prune(
                          vocab_size=vocab_size, vocab_floor=vocab_floor, vocab_held_out=vocab_held_out(corpora) if prune_vocab else None,
                          corpora=corpora, device=device)
     if hf_compat:
-        from .expert_io import HF_COMPAT_DIR, write_hf_compat
+        from .model.expert_io import HF_COMPAT_DIR, write_hf_compat
 
         try:
             write_hf_compat(out, out / HF_COMPAT_DIR)
@@ -271,12 +248,13 @@ def export(
     import shutil
 
     from . import outputs
-    from .console import captured, show_library_logs
+    from .config.targets import resolve_target
     from .export import export_model
-    from .targets import resolve_target
+    from .library_logs import captured, show_library_logs
+    from .pipeline.check import check_precision
 
     profile = resolve_target(target)
-    _check_precision(profile, precision)
+    check_precision(profile, precision)
     out = outputs.check_output(out, kind="dir", force=force, owner=outputs.EXPORT,
                                inputs=[model, profile.path or None])
     outputs.on_interrupt(f"nothing was written to {out}")
@@ -297,11 +275,12 @@ def export(
 
 @app.command()
 def build(
-    target: str = typer.Option("x86-cpu", "--target", "-t"),
+    ctx: typer.Context,
+    target: str = typer.Option(DEFAULTS.target, "--target", "-t"),
     model: str = MODEL,
     expert: str = EXPERT,
-    ratio: float = typer.Option(0.25, "--ratio"),
-    method: str = typer.Option("cusprun", "--method"),
+    ratio: float = typer.Option(DEFAULTS.ratio, "--ratio"),
+    method: str = typer.Option(DEFAULTS.method, "--method"),
     precision: Optional[str] = typer.Option(None, "--precision"),
     quant_plan: str = QUANT_PLAN,
     option: list[str] = typer.Option([], "--option"),
@@ -315,12 +294,15 @@ def build(
         None, "--max-ppl-ratio", help="Search the largest ratio whose perplexity on calibration documents held apart "
         "from scoring stays within this factor of dense (e.g. 1.2); --ratio is then ignored."),
     beat_baseline: bool = typer.Option(
-        False, "--beat-baseline", help="Search the largest ratio whose int4 artifact (judged on calibration documents "
+        DEFAULTS.beat_baseline, "--beat-baseline/--no-beat-baseline",
+        help="Search the largest ratio whose int4 artifact (judged on calibration documents "
         "held apart from scoring, as the plan would ship it) is no worse than ONNX Runtime GenAI's builder int4 of "
         "the dense model; --ratio is then ignored."),
-    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+    baseline: bool = typer.Option(DEFAULTS.baseline, "--baseline/--no-baseline",
                                   help="Measure ONNX Runtime GenAI's builder int4 of the dense model beside ours (built "
                                        "once per model and cached); the verdict compares the expert with it."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe.toml (every build writes the one it ran "
+                                          "into its directory); options given on the command line override it."),
     out: Path = typer.Option(Path("build/expert"), "--out", "-o"),
     force: bool = typer.Option(False, "--force", help="Run every stage again (this build's finished stages are "
                                "replaced; nothing else in --out is touched)."),
@@ -333,52 +315,30 @@ def build(
 ):
     """Run load, score, prune, export, validate, bench, generate and report; finished stages are skipped."""
     from . import outputs
-    from .console import RichProgress, show_library_logs
-    from .corpora import ExpertSpec
-    from .pipeline import LOG_FILE, BuildConfig, interrupt_note
-    from .pipeline import build as run_build
-    from .targets import resolve_target
+    from .console import RichProgress
+    from .library_logs import show_library_logs
+    from .pipeline.build import LOG_FILE, interrupt_note
+    from .pipeline.build import build as run_build
+    from .pipeline.check import check_config, config_inputs
 
     # every check that needs no model runs before anything loads or any directory appears
-    if not 0 < ratio <= 0.9:
-        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
-    method_options = _options(option)
-    _check_options(method, method_options)
-    expert_spec = ExpertSpec.parse(expert)
-    _check_held_out(expert_spec.corpora())
-    profile = resolve_target(target)
-    _check_precision(profile, precision)
-    inputs = [model, profile.path or None, *_corpus_paths(expert_spec)]
+    given = {"target": target, "model": model, "expert": expert, "ratio": ratio, "method": method,
+             "precision": precision, "quant_plan": quant_plan, "method_options": _options(option), "threads": threads,
+             "quick_bench": quick_bench, "prompts": prompt, "prune_vocab": prune_vocab,
+             "max_ppl_ratio": max_ppl_ratio, "beat_baseline": beat_baseline, "baseline": baseline,
+             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle,
+             "formats": sorted({f.strip() for item in fmt for f in item.split(",") if f.strip()} | {"onnx"},
+                               key=lambda f: f != "onnx")}
+    params = {"method_options": "option", "prompts": "prompt", "formats": "fmt"}
+    if recipe is not None:  # the recipe, then what the command line says
+        base = BuildConfig.from_recipe(recipe).as_dict()
+        # (by the source's name: typer may carry its own click, whose enum is not click's)
+        given = {k: v for k, v in given.items()
+                 if getattr(ctx.get_parameter_source(params.get(k, k)), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+        given = base | given
+    cfg = check_config(BuildConfig.from_dict({k: v for k, v in given.items() if v is not None}))
+    inputs = [*config_inputs(cfg), recipe]
     out = outputs.check_build_directory(out, inputs)
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be 1 or more, got {threads}")
-    if any(not p.strip() for p in prompt):
-        raise UserError("--prompt is empty")
-    if beat_baseline and not baseline:
-        raise UserError("--beat-baseline needs the baseline: drop --no-baseline")
-    if beat_baseline and max_ppl_ratio is not None:
-        raise UserError("--beat-baseline and --max-ppl-ratio each choose the ratio: pass one of them")
-    if quant_plan not in ("exact", "fast"):
-        raise UserError(f"--quant-plan '{quant_plan}' is unknown; choose exact or fast")
-    if max_ppl_ratio is not None:
-        from .search import check_target
-
-        check_target(max_ppl_ratio)
-    formats = {f.strip() for item in fmt for f in item.split(",") if f.strip()}
-    if formats - {"onnx", "gguf"}:
-        raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(formats - {'onnx', 'gguf'}))}'")
-    if "gguf" in formats:
-        from .export.gguf import check_source_supported
-        from .gguf_stage import GGUFStage
-        from .pipeline import register_stage
-
-        check_source_supported(model)
-        register_stage(GGUFStage())
-    cfg = BuildConfig(target=target, model=model, expert=expert, ratio=ratio, method=method, precision=precision,
-                      method_options=method_options, threads=threads, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle, quick_bench=quick_bench, prompts=list(prompt),
-                      prune_vocab=prune_vocab, max_ppl_ratio=max_ppl_ratio, quant_plan=quant_plan,
-                      beat_baseline=beat_baseline, baseline=baseline)
     if verbose:
         show_library_logs()
     progress = RichProgress()
@@ -421,7 +381,7 @@ def validate(
 
     from . import outputs
     from .fsutil import write_json
-    from .validate import validate as run_validate
+    from .measure.validate import validate as run_validate
 
     out = outputs.check_output(out, kind="file", force=force, owner=outputs.json_record("a validate record",
                                                                                         "categories", "overall"),
@@ -466,9 +426,9 @@ def bench(
     from rich.table import Table
 
     from . import outputs
-    from .bench import bench as run_bench
-    from .bench import summary_rows
     from .fsutil import write_json
+    from .measure.bench import bench as run_bench
+    from .measure.bench import summary_rows
 
     out = outputs.check_output(out, kind="file", force=force, owner=outputs.json_record("a bench record",
                                                                                         "providers", "speedup"),
@@ -517,8 +477,8 @@ def report(
     import os
 
     from . import outputs
-    from .report import read_build
-    from .report import report as run_report
+    from .report.collect import read_build
+    from .report.render import report as run_report
 
     read_build(build_dir)  # no build directory: one line, before anything is written
     where = out or build_dir / "report"

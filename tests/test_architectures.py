@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 from tiny import MORE_FAMILIES, TEXT, tiny_model_more
 
-from cusprun_edge import arch
+from cusprun_edge.model import arch
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_score_prune_export_parity(family, tmp_path):
-    from cusprun_edge.corpora import Corpus
-    from cusprun_edge.expert_io import load_expert
+    from cusprun_edge.config.corpora import Corpus
     from cusprun_edge.export import export_model
-    from cusprun_edge.prune import prune_and_save
-    from cusprun_edge.score import score_model
-    from cusprun_edge.structure import count_params
+    from cusprun_edge.model.expert_io import load_expert
+    from cusprun_edge.model.structure import count_params
+    from cusprun_edge.prune.pruner import prune_and_save
+    from cusprun_edge.prune.score import score_model
 
     model, tok = tiny_model_more(family)
     assert arch.spec_for(model).family == family

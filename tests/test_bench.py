@@ -36,7 +36,7 @@ def _gpu_package_installed() -> bool:
 
 def test_onnx_logits_fn_matches_pytorch_with_padding(tiny_artifacts):
     """Rows of a padded batch (left or right) get the logits of their real tokens, as in PyTorch."""
-    from cusprun_edge.runtime import OnnxCausalLM
+    from cusprun_edge.measure.runtime import OnnxCausalLM
 
     art = tiny_artifacts
     fn = OnnxCausalLM(art["dense_art"]).logits_fn
@@ -57,7 +57,7 @@ def test_onnx_logits_fn_matches_pytorch_with_padding(tiny_artifacts):
 
 def test_kv_cache_decode_matches_full_recompute(tiny_artifacts):
     """Greedy decoding with the cache picks, at every step, the argmax of a cache-free full forward."""
-    from cusprun_edge.runtime import OnnxCausalLM
+    from cusprun_edge.measure.runtime import OnnxCausalLM
 
     lm = OnnxCausalLM(tiny_artifacts["expert_art"])
     prompt = list(range(20, 40))
@@ -70,7 +70,7 @@ def test_kv_cache_decode_matches_full_recompute(tiny_artifacts):
 
 
 def test_genai_and_onnxruntime_decode_agree(tiny_artifacts):
-    from cusprun_edge.runtime import GenaiCausalLM, OnnxCausalLM, genai_support
+    from cusprun_edge.measure.runtime import GenaiCausalLM, OnnxCausalLM, genai_support
 
     path = tiny_artifacts["expert_art"]
     assert genai_support(path) is None
@@ -82,7 +82,7 @@ def test_genai_and_onnxruntime_decode_agree(tiny_artifacts):
 
 
 def test_provider_names():
-    from cusprun_edge.runtime import provider_name
+    from cusprun_edge.measure.runtime import provider_name
 
     assert provider_name("cpu") == "CPUExecutionProvider"
     assert provider_name("CUDA") == "CUDAExecutionProvider"
@@ -97,7 +97,7 @@ def test_provider_names():
 
 @pytest.fixture(scope="module")
 def bench_record(tiny_artifacts, tmp_path_factory):
-    from cusprun_edge.bench import bench
+    from cusprun_edge.measure.bench import bench
 
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     art = tiny_artifacts
@@ -157,7 +157,7 @@ def test_bench_skips_missing_gpu_providers_with_reason(bench_record):
 
 def test_bench_falls_back_to_onnxruntime_for_both(tiny_artifacts, tmp_path):
     """When GenAI cannot run one artifact, every artifact is measured with the same engine."""
-    from cusprun_edge.bench import bench
+    from cusprun_edge.measure.bench import bench
 
     no_genai = tmp_path / "expert-no-genai"
     shutil.copytree(tiny_artifacts["expert_art"], no_genai)
@@ -172,7 +172,7 @@ def test_bench_falls_back_to_onnxruntime_for_both(tiny_artifacts, tmp_path):
 
 def test_bench_peak_memory_is_the_workers_own(tiny_artifacts):
     """The worker's peak RSS must not include the parent's memory (fork + exec inherits ru_maxrss)."""
-    from cusprun_edge.bench import bench
+    from cusprun_edge.measure.bench import bench
 
     ballast = np.ones(600 * 2**20 // 8)  # 600 MB touched in this process
     record = bench([tiny_artifacts["expert_art"]], providers=["cpu"], quick=True,
@@ -184,7 +184,7 @@ def test_bench_peak_memory_is_the_workers_own(tiny_artifacts):
 
 def test_bench_target_providers(tiny_artifacts):
     """Without --providers the target profile's providers are benchmarked (CPU always)."""
-    from cusprun_edge.bench import bench
+    from cusprun_edge.measure.bench import bench
 
     record = bench([tiny_artifacts["expert_art"]], target="cuda-gpu", quick=True,
                    settings={**SMALL, "prompt_lengths": [8], "new_tokens": 4, "reps": 1, "decode_reps": 1})

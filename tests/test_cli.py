@@ -93,7 +93,7 @@ def test_force_never_deletes_what_is_not_an_expert(tmp_path):
     from tiny import tiny_model
 
     from cusprun_edge.errors import UserError
-    from cusprun_edge.expert_io import save_expert
+    from cusprun_edge.model.expert_io import save_expert
 
     model, tok = tiny_model("llama")
     with pytest.raises(UserError, match="not an expert directory"):

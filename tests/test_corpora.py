@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cusprun_edge import UserError
-from cusprun_edge.corpora import (
+from cusprun_edge.config.corpora import (
     DIMENSIONS,
     ExpertSpec,
     builtin_categories,

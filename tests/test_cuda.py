@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny import TEXT, tiny_model
 
-from cusprun_edge.corpora import Corpus
-from cusprun_edge.evaluate import mc_accuracy, perplexity, torch_logits_fn
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
+from cusprun_edge.config.corpora import Corpus
+from cusprun_edge.measure.evaluate import mc_accuracy, perplexity, torch_logits_fn
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CORPORA = {"domain/a": Corpus("domain/a", TEXT[:40], tune=TEXT[40:55])}

@@ -7,14 +7,15 @@ import pytest
 import torch
 from tiny import TEXT, tiny_model
 
-from cusprun_edge import UserError, arch
-from cusprun_edge.corpora import Corpus
-from cusprun_edge.damage import damage_weights, layer_damage
-from cusprun_edge.evaluate import perplexity, torch_logits_fn
-from cusprun_edge.methods import make_plan
-from cusprun_edge.prune import apply_plan, prune_model
-from cusprun_edge.score import score_model
-from cusprun_edge.structure import count_params, structure_of
+from cusprun_edge import UserError
+from cusprun_edge.config.corpora import Corpus
+from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
+from cusprun_edge.model import arch
+from cusprun_edge.model.structure import count_params, structure_of
+from cusprun_edge.prune.damage import damage_weights, layer_damage
+from cusprun_edge.prune.methods import make_plan
+from cusprun_edge.prune.pruner import apply_plan, prune_model
+from cusprun_edge.prune.score import score_model
 
 CALIB, TUNE = TEXT[:40], TEXT[40:55]
 CORPORA = {"domain/a": Corpus("domain/a", CALIB, tune=TUNE)}

@@ -9,9 +9,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from cusprun_edge import arch
+from cusprun_edge.config.targets import resolve_target
 from cusprun_edge.errors import UserError
-from cusprun_edge.expert_io import save_expert
 from cusprun_edge.export import (
     MANIFEST_FILE,
     CachedDecoder,
@@ -21,8 +20,15 @@ from cusprun_edge.export import (
     sha256_file,
     verify_manifest,
 )
-from cusprun_edge.structure import add_output_bias, keep_ffn_channels, keep_heads, keep_layers, structure_of
-from cusprun_edge.targets import resolve_target
+from cusprun_edge.model import arch
+from cusprun_edge.model.expert_io import save_expert
+from cusprun_edge.model.structure import (
+    add_output_bias,
+    keep_ffn_channels,
+    keep_heads,
+    keep_layers,
+    structure_of,
+)
 
 # Tiny random models have nearly flat next-token distributions, where any rounding flips near-ties:
 # judge quantized exports on them by the scale-free logit error instead of top-1 (see THRESHOLDS).

@@ -11,8 +11,8 @@ from tiny import TEXT, tiny_model
 
 from cusprun_edge.errors import UserError
 from cusprun_edge.export.gguf import GGUF_FILE, export_gguf, write_gguf
-from cusprun_edge.llamacpp import LlamaCpp, missing
-from cusprun_edge.structure import keep_ffn_channels, keep_heads, record_structure
+from cusprun_edge.measure.llamacpp import LlamaCpp, missing
+from cusprun_edge.model.structure import keep_ffn_channels, keep_heads, record_structure
 
 needs_llama_cpp = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
@@ -45,7 +45,7 @@ def _drop_attention(layer):
 def pruned_tiny_llama():
     """Uneven widths: FFN 40 (padded to 64), 128, 72 and 0 (a zero FFN keeps its attention); query heads
     4, 6, 0 (no attention) and 2 on 2, 2, 0 and 2 KV heads."""
-    from cusprun_edge import arch
+    from cusprun_edge.model import arch
 
     model, tok = tiny_model("llama")
     _sharpen(model)
@@ -96,7 +96,7 @@ def test_zero_ffn_and_attention_free_layers_are_not_dropped(tmp_path):
     """Without the zero FFN llama.cpp would skip layer 3's attention: its output must still matter."""
     model, tok = pruned_tiny_llama()
     write_gguf(model, tok, tmp_path / "a.gguf", requant="f32")
-    from cusprun_edge import arch
+    from cusprun_edge.model import arch
 
     with torch.no_grad():
         arch.all_layer_parts(model)[3].o.weight.mul_(0.5)
@@ -150,7 +150,7 @@ def _on_grid(tmp_path, qtype="q4_1"):
 def test_intact_source_blocks_are_copied_byte_for_byte(tmp_path):
     import gguf
 
-    from cusprun_edge import arch
+    from cusprun_edge.model import arch
 
     model, tok, src = _on_grid(tmp_path)
     spec = arch.spec_for(model)
@@ -201,7 +201,7 @@ def test_intact_source_blocks_are_copied_byte_for_byte(tmp_path):
 
 
 def test_unaligned_widths_are_padded_or_fall_back_and_are_listed(tmp_path):
-    from cusprun_edge import arch
+    from cusprun_edge.model import arch
 
     model, tok = tiny_model("llama")
     spec = arch.spec_for(model)
@@ -235,7 +235,7 @@ def test_cli_refuses_gguf_for_gemma_in_one_line(tmp_path):
 def test_llama_cpp_check_measures_what_pytorch_measures(tmp_path):
     """The stage's check on tiny models: its perplexity is PyTorch's on the same tokens, speed is measured for
     both files in alternating rounds, greedy answers are compared."""
-    from cusprun_edge.gguf_stage import check_in_llama_cpp
+    from cusprun_edge.measure.gguf_check import check_in_llama_cpp
 
     model, tok = pruned_tiny_llama()
     write_gguf(model, tok, tmp_path / "expert.gguf", requant="f32")

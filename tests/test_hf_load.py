@@ -11,16 +11,23 @@ from conftest import run_cli
 from tiny import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
-from cusprun_edge import arch, outputs
+from cusprun_edge import outputs
 from cusprun_edge.errors import UserError
-from cusprun_edge.expert_io import (
+from cusprun_edge.model import arch
+from cusprun_edge.model.expert_io import (
     HF_COMPAT_MARKER,
     REMOTE_CODE_FILE,
     load_expert,
     save_expert,
     write_hf_compat,
 )
-from cusprun_edge.structure import add_output_bias, count_params, keep_ffn_channels, keep_heads, keep_layers
+from cusprun_edge.model.structure import (
+    add_output_bias,
+    count_params,
+    keep_ffn_channels,
+    keep_heads,
+    keep_layers,
+)
 
 TEXT = "The quick brown fox jumps over the lazy dog. Le patient présente une fièvre."
 

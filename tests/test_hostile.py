@@ -37,7 +37,7 @@ def ws(tmp_path_factory):
     files build once per session), a corpus C (12 documents), and broken variants of each."""
     from test_validate import build_tiny_artifacts
 
-    from cusprun_edge.expert_io import save_expert
+    from cusprun_edge.model.expert_io import save_expert
 
     art = build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
     root = tmp_path_factory.mktemp("hostile")
@@ -241,7 +241,7 @@ def test_hostile_input(ws, case):
 def test_replace_only_our_own(ws):
     """--force replaces our own output (a score file), and an empty directory is a fine --out; the user's
     own files beside stay."""
-    from cusprun_edge.score import ScoreSet
+    from cusprun_edge.prune.score import ScoreSet
 
     out = ws / "scored" / "s.safetensors"
     try:

@@ -8,12 +8,13 @@ import pytest
 import torch
 from tiny import FAMILIES, TEXT, tiny_model
 
-from cusprun_edge import UserError, arch, load_expert
-from cusprun_edge.corpora import Corpus
-from cusprun_edge.methods import METHODS, MIN_FFN_KEEP, make_plan
-from cusprun_edge.prune import prune_and_save, prune_model
-from cusprun_edge.score import ScoreSet, score_model
-from cusprun_edge.structure import check_gqa, count_params, structure_of
+from cusprun_edge import UserError, load_expert
+from cusprun_edge.config.corpora import Corpus
+from cusprun_edge.model import arch
+from cusprun_edge.model.structure import check_gqa, count_params, structure_of
+from cusprun_edge.prune.methods import METHODS, MIN_FFN_KEEP, make_plan
+from cusprun_edge.prune.pruner import prune_and_save, prune_model
+from cusprun_edge.prune.score import ScoreSet, score_model
 
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
 CORPORA = {"domain/a": Corpus("domain/a", TEXT[:12]), "task/b": Corpus("task/b", TEXT[12:24])}

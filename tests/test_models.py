@@ -9,7 +9,7 @@ from conftest import assert_one_line_error, run_cli
 from tiny import tiny_model
 
 from cusprun_edge import UserError, load_model
-from cusprun_edge.models import EMBEDDED, _smollm2_gguf, resolve_source
+from cusprun_edge.model.load import EMBEDDED, _smollm2_gguf, resolve_source
 
 
 def test_resolve_source_kinds(tmp_path):
@@ -110,7 +110,7 @@ def test_smollm2_answers_paris(smollm2):
 
 @pytest.mark.integration
 def test_second_load_uses_cache(smollm2):
-    from cusprun_edge.models import cache_state
+    from cusprun_edge.model.load import cache_state
 
     state = cache_state("smollm2-135m")
     assert state.startswith("cached at")

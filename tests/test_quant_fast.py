@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny import TEXT, tiny_model
 
+from cusprun_edge.config.targets import resolve_target
 from cusprun_edge.export import export_model
 from cusprun_edge.export.calibration import every_linear, input_grams
 from cusprun_edge.export.simulate import quantized_copy
-from cusprun_edge.runtime import OnnxCausalLM
-from cusprun_edge.targets import resolve_target
+from cusprun_edge.measure.runtime import OnnxCausalLM
 
 LOOSE = {"max_kl": 10.0, "min_top1": 0.0, "held_out_max_kl": 10.0, "held_out_min_top1": 0.0}
 CALIBRATION = sorted(set(TEXT))

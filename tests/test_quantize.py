@@ -111,10 +111,10 @@ def test_gptq_keeps_a_pruned_layers_output_on_held_apart_inputs():
 
     from tiny import TEXT, tiny_model
 
-    from cusprun_edge.corpora import Corpus
+    from cusprun_edge.config.corpora import Corpus
     from cusprun_edge.export.calibration import input_grams, off_grid_linears
-    from cusprun_edge.prune import prune_model
-    from cusprun_edge.score import score_model
+    from cusprun_edge.prune.pruner import prune_model
+    from cusprun_edge.prune.score import score_model
 
     model, tok = tiny_model("llama")
     corpora = {"domain/a": Corpus("domain/a", TEXT[:40], tune=TEXT[40:50])}

@@ -9,12 +9,14 @@ import pytest
 import torch
 from tiny import FAMILIES, TEXT, tiny_model
 
-from cusprun_edge import UserError, arch
-from cusprun_edge.corpora import Corpus
-from cusprun_edge.evaluate import perplexity, torch_logits_fn
-from cusprun_edge.methods import METHODS, Plan, make_plan
-from cusprun_edge.prune import apply_plan, prune_model
-from cusprun_edge.reconstruct import (
+from cusprun_edge import UserError
+from cusprun_edge.config.corpora import Corpus
+from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
+from cusprun_edge.model import arch
+from cusprun_edge.model.structure import structure_of
+from cusprun_edge.prune.methods import METHODS, Plan, make_plan
+from cusprun_edge.prune.pruner import apply_plan, prune_model
+from cusprun_edge.prune.reconstruct import (
     alive_statistics,
     capture_stream,
     choose_and_refit,
@@ -22,8 +24,7 @@ from cusprun_edge.reconstruct import (
     refit_columns,
     run_pass,
 )
-from cusprun_edge.score import score_model
-from cusprun_edge.structure import structure_of
+from cusprun_edge.prune.score import score_model
 
 CALIB, TUNE = TEXT[:40], TEXT[40:55]
 CORPORA = {"domain/a": Corpus("domain/a", CALIB, tune=TUNE)}
@@ -71,7 +72,7 @@ def test_refit_leaves_unpruned_layers_unchanged_and_lowers_pruned_layer_error(fa
     choice = choose_and_refit(model, plan, tok, CALIB, [], ridge=1e-3)
     assert sorted(choice.weights) == [0, 2, 3] and set(choice.weights[2]) == {"o", "down"}
     apply_plan(refit, copy.deepcopy(plan))
-    from cusprun_edge.reconstruct import load_refitted
+    from cusprun_edge.prune.reconstruct import load_refitted
 
     load_refitted(refit, choice.weights)
     dense_1, refit_1 = arch.all_layer_parts(model)[1], arch.all_layer_parts(refit)[1]

@@ -27,7 +27,7 @@ USER_PROMPT = "Write one sentence about the sea:"
 
 
 def _config(model_dir, ratio, prompts=(), baseline=False):
-    from cusprun_edge.pipeline import BuildConfig
+    from cusprun_edge.pipeline.config import BuildConfig
 
     return BuildConfig(target="x86-cpu", model=str(model_dir), expert=EXPERT, ratio=ratio, method="magnitude",
                        precision="fp32", quick_bench=True, threads=1, prompts=list(prompts), baseline=baseline)
@@ -36,7 +36,7 @@ def _config(model_dir, ratio, prompts=(), baseline=False):
 @pytest.fixture(scope="session")
 def tiny_builds(tiny_artifacts, tmp_path_factory):
     """Two full pipeline builds of the tiny model (ratios 0.3 and 0.5) side by side in one parent."""
-    from cusprun_edge.pipeline import build
+    from cusprun_edge.pipeline.build import build
 
     parent = tmp_path_factory.mktemp("builds")
     stages = {}
@@ -114,7 +114,7 @@ def test_report_html_is_self_contained(tiny_builds):
 
 def test_report_single_ratio_and_compare(tiny_builds, tmp_path):
     """A lone build still plots quality vs ratio (one point); --compare adds another build's point."""
-    from cusprun_edge.report import report
+    from cusprun_edge.report.render import report
 
     a, b, _ = tiny_builds
     alone = tmp_path / "alone"
@@ -142,7 +142,7 @@ def test_cli_report_not_a_build_dir(tmp_path):
 
 def test_failed_stage_keeps_earlier_stages(tiny_builds, tiny_artifacts, tmp_path):
     """A stage that fails says which one and leaves the finished stages before it in place."""
-    from cusprun_edge.pipeline import build
+    from cusprun_edge.pipeline.build import build
 
     a, _, _ = tiny_builds
     broken = tmp_path / "broken"
@@ -161,8 +161,8 @@ def test_failed_stage_keeps_earlier_stages(tiny_builds, tiny_artifacts, tmp_path
 def test_verdict_and_generations(tiny_builds, tiny_artifacts):
     """The verdict line is computed from the build's own figures; dense and expert answer the expert's
     built-in prompts (both its dimensions heard) and the user's, greedily through onnxruntime_genai."""
-    from cusprun_edge.generate import builtin_prompts, generate_texts
-    from cusprun_edge.report import shipping_baseline
+    from cusprun_edge.measure.generate import builtin_prompts, generate_texts
+    from cusprun_edge.report.verdict import shipping_baseline
 
     a, b, _ = tiny_builds
     data = json.loads((a / "report" / "report.json").read_text())
@@ -270,19 +270,20 @@ def test_report_renders_in_chromium(tiny_builds, tmp_path):
 
 
 def test_quality_target_report_says_whether_the_eval_split_confirms_the_search():
-    from cusprun_edge.report import _ratio_words, _search_table
+    from cusprun_edge.report.tables import search_table
+    from cusprun_edge.report.verdict import ratio_words
 
     search = {"ratio": 0.1, "max_ppl_ratio": 1.2, "seconds": 600.0,
               "points": [{"ratio": 0.05, "ppl_ratio": 1.08, "passed": True, "seconds": 100.0},
                          {"ratio": 0.1, "ppl_ratio": 1.18, "passed": True, "seconds": 100.0},
                          {"ratio": 0.15, "ppl_ratio": 1.36, "passed": False, "seconds": 100.0}]}
     data = {"ratio_search": search, "config": {"ratio": 0.25}, "retention": {"overall": {"ppl": 1 / 1.18}}}
-    title, header, rows = _search_table(data)
+    title, header, rows = search_table(data)
     assert rows[-1][:3] == ["chosen 0.100", "eval split: 1.180", "confirmed"]
     data["retention"]["overall"]["ppl"] = 1 / 1.3
-    assert _search_table(data)[2][-1][2] == "missed by 8.3%"
-    assert _ratio_words(data).startswith("ratio 0.100 (searched") and "0.25" not in _ratio_words(data)
-    assert _ratio_words({"config": {"ratio": 0.25}}) == "ratio 0.25"
+    assert search_table(data)[2][-1][2] == "missed by 8.3%"
+    assert ratio_words(data).startswith("ratio 0.100 (searched") and "0.25" not in ratio_words(data)
+    assert ratio_words({"config": {"ratio": 0.25}}) == "ratio 0.25"
 
 
 def _side(rate, ppl, file_bytes=1000):
@@ -294,7 +295,7 @@ def _side(rate, ppl, file_bytes=1000):
 def test_verdict_picks_the_faster_builder_as_baseline_and_says_when_the_expert_loses():
     """The baseline is the builder's artifact unless our dense export is better on both axes; an expert that
     does not beat it on both is told so, naming the better thing to ship."""
-    from cusprun_edge.report import shipping_baseline, verdict
+    from cusprun_edge.report.verdict import shipping_baseline, verdict
 
     def data(builder, dense, expert):
         return {"baseline": builder, "dense": {**dense, "precision": "int4"}, "expert": expert,

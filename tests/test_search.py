@@ -7,11 +7,11 @@ import torch
 from tiny import TEXT, tiny_model
 
 from cusprun_edge import UserError
-from cusprun_edge.corpora import Corpus
-from cusprun_edge.evaluate import perplexity, torch_logits_fn
-from cusprun_edge.prune import prune_model
-from cusprun_edge.score import score_model
-from cusprun_edge.search import search_ratio
+from cusprun_edge.config.corpora import Corpus
+from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
+from cusprun_edge.pipeline.search import search_ratio
+from cusprun_edge.prune.pruner import prune_model
+from cusprun_edge.prune.score import score_model
 
 CORPORA = {"domain/a": Corpus("domain/a", TEXT[:12], tune=TEXT[40:46])}
 
@@ -100,10 +100,11 @@ def test_build_refuses_an_impossible_target_in_one_line(tmp_path):
 def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
     """A quality-target build prunes once per probe: the chosen ratio's probe is the saved expert, and its
     perplexity on the held-apart documents is the one the search recorded."""
-    import cusprun_edge.prune as prune_mod
-    from cusprun_edge.expert_io import load_expert
-    from cusprun_edge.pipeline import PruneStage, ScoreStage
-    from cusprun_edge.stages import BuildConfig, BuildContext
+    import cusprun_edge.prune.pruner as prune_mod
+    from cusprun_edge.model.expert_io import load_expert
+    from cusprun_edge.pipeline.config import BuildConfig
+    from cusprun_edge.pipeline.stage import BuildContext
+    from cusprun_edge.pipeline.stages import PruneStage, ScoreStage
 
     data = saved_model_and_notes(tmp_path, 20)
     calls = []
@@ -118,7 +119,7 @@ def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
     search = record["ratio_search"]
     assert record["target_ratio"] == search["ratio"] and len(calls) == len(search["points"])
     expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
-    from cusprun_edge.corpora import ExpertSpec
+    from cusprun_edge.config.corpora import ExpertSpec
 
     tune = [t for c in ExpertSpec.parse(cfg.expert).corpora().values() for t in c.tune]
     chosen = next(p for p in search["points"] if p["ratio"] == round(search["ratio"], 4))
@@ -128,10 +129,11 @@ def test_prune_stage_ships_the_search_probe_it_chose(tmp_path, monkeypatch):
 def test_search_judges_each_ratio_on_the_int4_artifact_as_it_would_ship(tmp_path):
     """With an int4 target the search measures every probe with its weights rounded by the build's plan (the
     artifact's logits, simulated in PyTorch), and records what it judged."""
-    from cusprun_edge.corpora import ExpertSpec
-    from cusprun_edge.expert_io import load_expert
-    from cusprun_edge.pipeline import PruneStage, ScoreStage, _as_shipped
-    from cusprun_edge.stages import BuildConfig, BuildContext
+    from cusprun_edge.config.corpora import ExpertSpec
+    from cusprun_edge.model.expert_io import load_expert
+    from cusprun_edge.pipeline.config import BuildConfig
+    from cusprun_edge.pipeline.stage import BuildContext
+    from cusprun_edge.pipeline.stages import PruneStage, ScoreStage, as_shipped
 
     data = saved_model_and_notes(tmp_path, 20)
     cfg = BuildConfig(model=str(tmp_path / "model"), expert=f"domain={data}", method="magnitude",
@@ -147,6 +149,6 @@ def test_search_judges_each_ratio_on_the_int4_artifact_as_it_would_ship(tmp_path
     corpora = ExpertSpec.parse(cfg.expert).corpora()
     tune = [t for c in corpora.values() for t in c.tune]
     chosen = next(p for p in search["points"] if p["ratio"] == round(search["ratio"], 4))
-    shipped = _as_shipped(etok, corpora, "int4", "fast")(expert)
+    shipped = as_shipped(etok, corpora, "int4", "fast")(expert)
     assert perplexity(torch_logits_fn(shipped), etok, tune) == pytest.approx(chosen["ppl"], rel=1e-4)
     assert perplexity(torch_logits_fn(expert), etok, tune) != pytest.approx(chosen["ppl"], rel=1e-4)

@@ -6,8 +6,8 @@ import shutil
 
 from conftest import REPO
 
-from cusprun_edge import pipeline
-from cusprun_edge.stages import code_hash, import_graph, stage_code
+from cusprun_edge.pipeline import build as pipeline
+from cusprun_edge.pipeline.stage import code_hash, import_graph, stage_code
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -44,10 +44,31 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_package_imports_have_no_cycle():
     graph = import_graph()
     # the graph sees imports inside functions and relative imports from a subpackage
-    assert "cusprun_edge.bench" in graph["cusprun_edge.pipeline"]  # imported inside _default_stages
-    assert "cusprun_edge.expert_io" in graph["cusprun_edge.models"]
+    assert "cusprun_edge.measure.bench" in graph["cusprun_edge.pipeline.stages"]  # imported inside BenchStage.run
+    assert "cusprun_edge.model.expert_io" in graph["cusprun_edge.model.load"]
     assert "cusprun_edge" in graph["cusprun_edge.export.package"]  # `from .. import __version__`, in a function
     assert _cycles(graph) == []
+
+
+# the packages from the bottom up: a package imports only those before it (README, "Architecture")
+LAYERS = ("errors", "outputs", "fsutil", "library_logs", "config", "model", "export", "measure", "prune", "report",
+          "pipeline", "console", "cli")
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None  # None: cusprun_edge itself (its __version__)
+
+
+def test_packages_import_downwards_only():
+    """Every import, inside functions too, goes from a package to one below it in LAYERS, so no stage's
+    family imports the pipeline that composes it and the folders read in the order of the data flow."""
+    graph = import_graph()
+    assert {_package(m) for m in graph} - {None} == set(LAYERS)  # a new package takes a place in LAYERS
+    upward = sorted((a, b) for a, deps in graph.items() for b in deps
+                    if _package(a) and _package(b) and _package(a) != _package(b)
+                    and LAYERS.index(_package(b)) > LAYERS.index(_package(a)))
+    assert upward == []
 
 
 def test_cycle_finder_sees_a_cycle_through_a_function_level_import(tmp_path):
@@ -72,11 +93,11 @@ def test_editing_a_module_changes_exactly_the_stages_that_run_it(tmp_path):
     files = {name: set(stage_code(cls, pkg)) for name, cls in classes.items()}
     base = {name: code_hash(cls, pkg) for name, cls in classes.items()}
     # what the hand-kept lists missed, and what a stage must not depend on
-    assert {"cusprun_edge/damage.py", "cusprun_edge/reconstruct.py", "cusprun_edge/search.py",
-            "cusprun_edge/evaluate.py", "cusprun_edge/methods.py"} <= files["prune"]
+    assert {"cusprun_edge/prune/damage.py", "cusprun_edge/prune/reconstruct.py", "cusprun_edge/pipeline/search.py",
+            "cusprun_edge/measure/evaluate.py", "cusprun_edge/prune/methods.py"} <= files["prune"]
     assert {f"cusprun_edge/export/{m}.py" for m in ("__init__", "build", "trace", "precision", "quant_plan",
                                                     "calibration", "parity", "package")} <= files["export"]
-    assert "cusprun_edge/report.py" not in files["prune"] | files["export"] | files["bench"]
+    assert "cusprun_edge/report/render.py" not in files["prune"] | files["export"] | files["bench"]
 
     edited = 0
     for path in sorted(pkg.rglob("*.py")):
@@ -92,19 +113,20 @@ def test_editing_a_module_changes_exactly_the_stages_that_run_it(tmp_path):
 
 
 def test_imports_are_followed_from_what_the_stage_reaches():
-    """pipeline.py's prune stage reaches `_search_ratio`, whose imports (search, evaluate) are its code;
-    `_default_stages` in the same module imports report.py, which no stage of pipeline.py runs."""
+    """stages.py's prune stage reaches `_search_ratio`, whose imports (search, evaluate) are its code; the
+    report stage in the same module imports report/render.py, which load, score, prune and export do not run."""
     files = {s.name: set(s.code_modules()) for s in pipeline.STAGES}
-    assert {"cusprun_edge/search.py", "cusprun_edge/pipeline.py"} <= files["prune"]
-    assert "cusprun_edge/search.py" not in files["load"] | files["score"]
-    assert "cusprun_edge/report.py" not in files["load"] | files["score"] | files["prune"] | files["export"]
+    assert {"cusprun_edge/pipeline/search.py", "cusprun_edge/pipeline/stages.py"} <= files["prune"]
+    assert "cusprun_edge/pipeline/search.py" not in files["load"] | files["score"]
+    assert "cusprun_edge/report/render.py" not in files["load"] | files["score"] | files["prune"] | files["export"]
 
 
 def test_a_changed_input_changes_the_stages_whose_config_names_it(tmp_path):
     """Beyond code: the model's files, the expert's corpora and the target profile are digested into the
     fingerprint of every stage whose config keys name them (the stages after follow through upstream)."""
-    from cusprun_edge.stages import BuildConfig, BuildContext
-    from cusprun_edge.targets import builtin_dirs
+    from cusprun_edge.config.targets import builtin_dirs
+    from cusprun_edge.pipeline.config import BuildConfig
+    from cusprun_edge.pipeline.stage import BuildContext
 
     model = tmp_path / "model"
     model.mkdir()

@@ -5,9 +5,10 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_model
 
-from cusprun_edge import arch, load_expert, load_model
-from cusprun_edge.expert_io import save_expert
-from cusprun_edge.structure import (
+from cusprun_edge import load_expert, load_model
+from cusprun_edge.model import arch
+from cusprun_edge.model.expert_io import save_expert
+from cusprun_edge.model.structure import (
     add_output_bias,
     check_gqa,
     count_params,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cusprun_edge.config.targets import PRECISIONS, TargetProfile, builtin_dirs, list_targets, resolve_target
 from cusprun_edge.errors import UserError
-from cusprun_edge.targets import PRECISIONS, TargetProfile, builtin_dirs, list_targets, resolve_target
 
 BUILTIN = ["arm64-cpu", "cuda-gpu", "jetson-agx-orin", "jetson-orin-nano", "x86-cpu"]
 

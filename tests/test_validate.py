@@ -26,7 +26,7 @@ def build_tiny_artifacts(root):
     from tiny import tiny_model
 
     from cusprun_edge.export import export_model
-    from cusprun_edge.prune import prune_model
+    from cusprun_edge.prune.pruner import prune_model
 
     model, tok = tiny_model("llama")
     dense_hf = root / "dense-hf"
@@ -47,7 +47,7 @@ def tiny_artifacts(tmp_path_factory):
 
 
 def _validate(art, expert_art, **kw):
-    from cusprun_edge.validate import validate
+    from cusprun_edge.measure.validate import validate
 
     kw.setdefault("expert", EXPERT)
     kw.setdefault("max_docs", 3)
@@ -77,9 +77,9 @@ def test_identical_model_retains_everything(tiny_artifacts):
 def test_pytorch_dense_matches_its_fp32_export(tiny_artifacts):
     """Dense in PyTorch vs the same weights in ONNX fp32: retention ~1 and KL ~0, and the
     perplexities equal `evaluate.perplexity` computed independently on the held-out split."""
-    from cusprun_edge.corpora import ExpertSpec
-    from cusprun_edge.evaluate import perplexity, torch_logits_fn
-    from cusprun_edge.runtime import OnnxCausalLM
+    from cusprun_edge.config.corpora import ExpertSpec
+    from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
+    from cusprun_edge.measure.runtime import OnnxCausalLM
 
     art = tiny_artifacts
     rec = _validate(art, art["dense_art"])
@@ -199,10 +199,10 @@ def test_cli_different_tokenizer_is_refused(tiny_artifacts, tmp_path):
 def test_real_smollm2_two_layers_validate_and_bench(smollm2, tmp_path):
     """The real tokenizer and vocabulary (49k) and GQA 9/3 heads, on SmolLM2 cut to two layers (fast):
     its own fp32 export validates as the same model and benchmarks on CPU."""
-    from cusprun_edge.bench import bench
     from cusprun_edge.export import export_model
-    from cusprun_edge.structure import keep_layers
-    from cusprun_edge.validate import validate
+    from cusprun_edge.measure.bench import bench
+    from cusprun_edge.measure.validate import validate
+    from cusprun_edge.model.structure import keep_layers
 
     model, tok = smollm2
     small = copy.deepcopy(model)
@@ -234,8 +234,8 @@ def test_three_way_separates_quantization_from_pruning(tiny_artifacts):
     for category in rec["categories"].values():
         if category["documents"]:
             assert set(category["three_way"]) >= {"dense_fp32", "dense_quantized", "expert_quantized"}
-    from cusprun_edge.report import _three_way_table
+    from cusprun_edge.report.tables import three_way_table
 
-    title, header, rows = _three_way_table(three)
+    title, header, rows = three_way_table(three)
     assert "Quantization vs pruning" in title and len(header) == 4
     assert [r[0] for r in rows] == ["dense, fp32 (PyTorch)", "dense, fp32 (ONNX)", "expert, fp32 (ONNX)"]

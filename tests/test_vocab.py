@@ -11,10 +11,10 @@ from tiny import TEXT, tiny_model
 
 from cusprun_edge import load_expert
 from cusprun_edge.errors import UserError
-from cusprun_edge.expert_io import save_expert
-from cusprun_edge.structure import count_params
-from cusprun_edge.tokenizer_trim import round_trip_failures, trim_tokenizer
-from cusprun_edge.vocab import HOSTILE, TRIMMED_KEY, original_ids, trim_model_vocab
+from cusprun_edge.model.expert_io import save_expert
+from cusprun_edge.model.structure import count_params
+from cusprun_edge.model.tokenizer_trim import round_trip_failures, trim_tokenizer
+from cusprun_edge.prune.vocab import HOSTILE, TRIMMED_KEY, original_ids, trim_model_vocab
 
 # emoji (with joiners), CJK, Arabic, Cyrillic, control characters, digit and whitespace runs, astral letters
 MORE_HOSTILE = HOSTILE + ["a" * 300, "\r\n\r\n\t \t", "٣٤٥ ١٢", "ﬁ ǅ ẞ ß İ", "<s></s><unk> ok", "\u0301\u0301e"]
@@ -98,7 +98,7 @@ def test_trimmed_export_logits_match_pytorch_and_genai_generates(precision, trim
     import onnxruntime_genai as og
     from test_export import TINY_QUANTIZED
 
-    from cusprun_edge.runtime import OnnxCausalLM
+    from cusprun_edge.measure.runtime import OnnxCausalLM
 
     dense, new_tok, new_to_old, out = trimmed_exports(precision)
     genai = json.loads((out / "genai_config.json").read_text())["model"]
@@ -130,14 +130,14 @@ def test_trimmed_export_logits_match_pytorch_and_genai_generates(precision, trim
 
 
 def test_perplexity_per_dense_token_is_one_definition():
-    from cusprun_edge.evaluate import (
+    from cusprun_edge.measure.evaluate import (
         clip_to_tokens,
         per_dense_token,
         predicted_tokens,
         text_quality,
         torch_logits_fn,
     )
-    from cusprun_edge.vocab import trimmed_logits_fn
+    from cusprun_edge.prune.vocab import trimmed_logits_fn
 
     model, tok, new_tok, new_to_old = _tiny_trimmed("llama")
     texts = clip_to_tokens(tok, TEXT[1:5], 8)
@@ -154,7 +154,7 @@ def test_perplexity_per_dense_token_is_one_definition():
 
 def test_trimmed_validate_reports_per_dense_token(trimmed_exports, tmp_path):
     """validate scores a trimmed expert with its own tokenizer, per dense token, on the same text as dense."""
-    from cusprun_edge.validate import validate
+    from cusprun_edge.measure.validate import validate
 
     _, new_tok, new_to_old, out = trimmed_exports("fp32")
     dense = tiny_model("llama")
@@ -171,7 +171,7 @@ def test_trimmed_validate_reports_per_dense_token(trimmed_exports, tmp_path):
 
 
 def test_bad_vocabulary_sizes_are_refused():
-    from cusprun_edge.vocab import KeepRule
+    from cusprun_edge.prune.vocab import KeepRule
 
     _, tok = tiny_model("llama")
     rule = KeepRule(tok, TEXT[:1], ["en"], words=2000)
@@ -182,7 +182,7 @@ def test_bad_vocabulary_sizes_are_refused():
 
 
 def test_a_corpus_the_tokenizer_cannot_read_is_refused():
-    from cusprun_edge.vocab import KeepRule
+    from cusprun_edge.prune.vocab import KeepRule
 
     _, tok = tiny_model("llama")  # trained on Latin-script text: CJK is bytes only
     with pytest.raises(UserError, match="byte pieces"):
@@ -191,8 +191,8 @@ def test_a_corpus_the_tokenizer_cannot_read_is_refused():
 
 @pytest.mark.integration
 def test_smollm2_trimmed_tokenizer_round_trips_hostile_text(smollm2):
-    from cusprun_edge.corpora import builtin_corpus
-    from cusprun_edge.vocab import KeepRule, coverage
+    from cusprun_edge.config.corpora import builtin_corpus
+    from cusprun_edge.prune.vocab import KeepRule, coverage
 
     _, tok = smollm2
     corpus = builtin_corpus("language", "en")
@@ -210,7 +210,7 @@ def test_gemma_trimmed_tokenizer_round_trips_hostile_text():
     """Gemma-3's byte-fallback BPE (262k tokens), when its converted tokenizer is in the cache (seconds)."""
     from transformers import AutoTokenizer
 
-    from cusprun_edge.models import EMBEDDED, converted_dir
+    from cusprun_edge.model.load import EMBEDDED, converted_dir
 
     entry = EMBEDDED["gemma3-270m"]
     if not entry.installed():
@@ -229,7 +229,7 @@ def test_gemma_trimmed_tokenizer_round_trips_hostile_text():
 
 def test_old_layout_experts_still_load(tmp_path):
     """Experts saved by the previous rule (ids kept, rows remapped) load as they were saved."""
-    from cusprun_edge.vocab import prune_vocab
+    from cusprun_edge.model.vocab_layers import prune_vocab
 
     model, tok = tiny_model("llama")
     kept = torch.tensor(sorted(set(range(0, 300, 2)) | {0, 1, 2}))

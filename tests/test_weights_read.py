@@ -7,7 +7,7 @@ from test_export import pruned
 from tiny import tiny_model
 
 from cusprun_edge.export import export_model
-from cusprun_edge.weights_read import weight_bytes_per_token
+from cusprun_edge.model.weights_read import weight_bytes_per_token
 
 
 def test_gather_tables_cost_one_row_and_matmuls_cost_everything(tmp_path):

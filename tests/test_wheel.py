@@ -9,8 +9,8 @@ import zipfile
 import pytest
 from conftest import REPO
 
-from cusprun_edge.corpora import calib_root
-from cusprun_edge.targets import builtin_dirs
+from cusprun_edge.config.corpora import calib_root
+from cusprun_edge.config.targets import builtin_dirs
 
 
 @pytest.mark.integration

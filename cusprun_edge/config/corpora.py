@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 DIMENSIONS = ("language", "domain", "task")
 ALIASES = {"summarisation": "summarization", "mc": "multiple-choice", "code_completion": "code-completion"}
@@ -21,7 +21,7 @@ ALIASES = {"summarisation": "summarization", "mc": "multiple-choice", "code_comp
 
 def calib_root() -> Path:
     """The built-in corpora and prompts: package data, so an installed wheel has them too."""
-    return Path(str(resources.files(__package__) / "data" / "calib"))
+    return Path(str(resources.files("cusprun_edge") / "data" / "calib"))
 
 
 MIN_HELD_OUT_DOCS = 4  # a user's corpus smaller than this is all calibration, none held out

@@ -18,7 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import UserError
+from ..errors import UserError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
@@ -213,7 +213,7 @@ def builtin_dirs() -> list[Path]:
     """Where built-in profiles live: package data (`cusprun_edge/data/targets`), in a checkout and a wheel."""
     from importlib import resources
 
-    return [Path(str(resources.files(__package__) / "data" / "targets"))]
+    return [Path(str(resources.files("cusprun_edge") / "data" / "targets"))]
 
 
 def list_targets() -> list[TargetProfile]:

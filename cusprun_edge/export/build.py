@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from .. import arch
+from ..config.targets import resolve_target
 from ..errors import UserError
 from ..fsutil import atomic_directory
-from ..structure import count_params, structure_of
-from ..targets import resolve_target
+from ..model import arch
+from ..model.structure import count_params, structure_of
 from . import parity as gate
 from .common import MANIFEST_FILE, MODEL_FILE, one_line
 from .package import (
@@ -40,7 +40,7 @@ StepCallback = Callable[[str], None]
 
 def export_source(source, target, out, **kwargs) -> dict:
     """Load `source` (embedded name, .gguf, HF or expert directory) and export it; returns the manifest."""
-    from ..models import load_model
+    from ..model.load import load_model
 
     model, tokenizer = load_model(str(source))
     return export_model(model, tokenizer, target, out, source=str(source), **kwargs)
@@ -136,7 +136,7 @@ def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
     """The expert spec whose evaluation split joins the general one in the held-out gate."""
     if held_out or not source:
         return held_out
-    from ..expert_io import expert_record
+    from ..model.expert_io import expert_record
 
     path = Path(source)
     record = expert_record(path) if path.is_dir() else {}
@@ -147,7 +147,7 @@ def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
 def _calibration_texts(spec: str | None, plan: str = DEFAULT_PLAN) -> list[str]:
     """The expert's calibration documents (scoring and held-apart ones; never its eval split). The fast plan
     rounds every weight on them, so a model with no recorded expert is calibrated on the general domain's."""
-    from ..corpora import ExpertSpec, calibration_documents
+    from ..config.corpora import ExpertSpec, calibration_documents
 
     spec = spec or ("domain=general" if plan == "fast" else None)
     if not spec:

@@ -8,8 +8,8 @@ import io
 import logging
 import warnings
 
-from .. import arch
-from ..structure import structure_of
+from ..model import arch
+from ..model.structure import structure_of
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import arch
 from ..errors import UserError
 from ..fsutil import atomic_directory, check_replaceable, sha256_file
-from ..structure import structure_of
+from ..model import arch
+from ..model.structure import structure_of
 from .common import MANIFEST_FILE
 
 GGUF_FILE = "model.gguf"
@@ -119,8 +119,8 @@ def source_gguf_for(source: str | None) -> Path | None:
     one), or None when the model did not come from a GGUF."""
     if not source:
         return None
-    from ..expert_io import expert_record
-    from ..models import EMBEDDED, resolve_source
+    from ..model.expert_io import expert_record
+    from ..model.load import EMBEDDED, resolve_source
 
     seen = set()
     while source and source not in seen:
@@ -538,7 +538,7 @@ def export_gguf_source(source: str, out, *, requant: str = DEFAULT_REQUANT, forc
                        trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Load `source` (an expert directory, embedded name, .gguf or HF directory) and export it to GGUF.
     Everything that can be refused without loading the model is refused first."""
-    from ..models import load_model
+    from ..model.load import load_model
 
     out = Path(out)
     if requant not in REQUANT_TYPES:
@@ -565,7 +565,7 @@ def check_source_supported(source: str) -> None:
     embedded model, a model or expert directory (config.json), a .gguf file (its header)."""
     from types import SimpleNamespace
 
-    from ..models import resolve_source
+    from ..model.load import resolve_source
 
     kind, where = resolve_source(str(source))
     config = None

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .. import arch
+from ..config.targets import TargetProfile
 from ..fsutil import sha256_file
-from ..structure import count_params, structure_of
-from ..targets import TargetProfile
+from ..model import arch
+from ..model.structure import count_params, structure_of
 from .common import MANIFEST_FILE, MODEL_FILE, kv_layout
 
 GENAI_PROVIDERS = {"CUDAExecutionProvider": "cuda", "NvTensorRTRTXExecutionProvider": "NvTensorRtRtx",
@@ -151,7 +151,7 @@ def source_record(model, source: str | None) -> dict:
     record = {"source": source, "model_type": model.config.model_type,
               "name_or_path": getattr(model.config, "_name_or_path", None)}
     if source:
-        from ..expert_io import expert_record
+        from ..model.expert_io import expert_record
 
         path = Path(source)
         if path.is_dir() and expert_record(path):

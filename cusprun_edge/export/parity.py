@@ -61,7 +61,7 @@ HELD_OUT_TOKENS = 256
 def held_out_texts(expert: str | None = None, docs: int = HELD_OUT_DOCS) -> list[str]:
     """Held-out documents for the gate: the general domain's evaluation split and the expert's own
     (never the calibration documents that chose which units to keep)."""
-    from ..corpora import ExpertSpec
+    from ..config.corpora import ExpertSpec
 
     specs = ["domain=general"] + ([expert] if expert and expert != "domain=general" else [])
     texts: list[str] = []

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .. import arch
+from ..model import arch
 from .attention import ATTENTION_STATE, FUSED_ATTENTION, gqa_translation
 from .common import MODEL_FILE, kv_layout, one_line, quiet
 from .passes import finish_graph, lower_to_opset_17

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LABEL = "builder"
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
@@ -60,7 +60,7 @@ def builder_version() -> str:
 def hf_directory(source: str) -> Path:
     """The dense model as a Hugging Face directory (what the builder reads): an embedded model's or a GGUF's
     converted cache, or the directory itself."""
-    from .models import EMBEDDED, convert_gguf, resolve_source
+    from ..model.load import EMBEDDED, convert_gguf, resolve_source
 
     kind, where = resolve_source(source)
     if kind == "embedded":
@@ -85,7 +85,7 @@ def _key(hf_dir: Path, precision: str) -> str:
 
 def builder_dir(hf_dir: Path, precision: str = "int4") -> Path:
     """Where the builder's export of the Hugging Face directory `hf_dir` is cached."""
-    from .models import cache_root
+    from ..model.load import cache_root
 
     return cache_root() / "builder" / f"{hf_dir.name}-{precision}-{_key(hf_dir, precision)}"
 

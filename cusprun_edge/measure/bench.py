@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import write_json
-from .stages import Stage
+from ..errors import UserError
+from ..fsutil import write_json
 
 BENCH_FILE = "bench.json"
 CPU = "CPUExecutionProvider"
@@ -106,7 +105,7 @@ def _requested_providers(providers, target, manifests) -> list[str]:
     if providers:
         names = [provider_name(p) for p in providers]
     elif target is not None:
-        from .targets import resolve_target
+        from ..config.targets import resolve_target
 
         names = [p.name for p in resolve_target(target).providers]
     else:
@@ -282,48 +281,3 @@ def summary_rows(record: dict) -> list[dict]:
     return rows
 
 
-class BenchStage(Stage):
-    """Pipeline stage: dense and expert exports benchmarked side by side on the target's providers."""
-
-    name = "bench"
-    depends = ("export",)
-
-    def config_keys(self):
-        return ("threads", "quick_bench", "baseline", "target")
-
-    def run(self, ctx, work: Path) -> dict:
-        export = ctx.stage_dir("export")
-        ctx.progress.start("bench")
-        runs = []
-
-        def on_run(provider, label):
-            if runs:
-                ctx.progress.update(advance=1)
-            runs.append(label)
-            ctx.progress.update(description=f"bench {label} on {provider.replace('ExecutionProvider', '')}")
-
-        from .baseline import LABEL, builder_or_reason
-
-        # what a user ships without us, measured in the same run: the GenAI builder's int4 of the dense model
-        builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
-        extra = [builder] if builder is not None else []
-        # every artifact at the same thread count: ours ask for the target's in genai_config, the builder's for none
-        # (GenAI then runs one thread), and a comparison at unequal threads says nothing
-        from .export.package import artifact_threads
-        from .targets import resolve_target
-
-        threads = ctx.config.threads or artifact_threads(resolve_target(ctx.config.target))
-        record = bench([export / "dense", export / "expert", *extra], labels=["dense", "expert"] + [LABEL] * len(extra),
-                       target=ctx.config.target, threads=threads, quick=ctx.config.quick_bench,
-                       out=work / BENCH_FILE, on_run=on_run)
-        measured = {p: e for p, e in record["providers"].items() if e["status"] == "measured"}
-        errors = [f"{p}/{n}: {r['error']}" for p, e in measured.items() for n, r in e["results"].items()
-                  if "error" in r]
-        if errors:
-            raise UserError("benchmark failed: " + "; ".join(errors))
-        if no_builder:
-            record["no_baseline"] = no_builder
-            write_json(work / BENCH_FILE, record)
-        return {"file": BENCH_FILE, "measured": list(measured), "no_baseline": no_builder,
-                "skipped": {p: e["reason"] for p, e in record["providers"].items() if e["status"] == "skipped"},
-                "speedup": record["speedup"]}

@@ -11,9 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from .corpora import calib_root
-from .errors import UserError
-from .stages import Stage
+from ..config.corpora import calib_root
+from ..errors import UserError
 
 GENERATIONS_FILE = "generations.json"
 MAX_NEW_TOKENS = 48
@@ -64,7 +63,7 @@ def answer_is_right(check: dict, text: str) -> bool:
 def prompts_for(expert: str, extra=()) -> list[dict]:
     """[{prompt, source}] for an expert spec: built-in prompts of its categories taken in turn (so every
     dimension is heard), then the user's own. A dimension given as a path has no built-in prompts."""
-    from .corpora import ExpertSpec
+    from ..config.corpora import ExpertSpec
 
     table = builtin_prompts()
     lists = [[(p, f"{dim}/{cat}") for p in table.get(f"{dim}/{cat}", [])]
@@ -118,7 +117,7 @@ def generate_texts(artifact, prompts: list[str], *, max_new_tokens: int = MAX_NE
 def generate(artifacts: dict[str, Path], prompts: list[dict], *, max_new_tokens: int = MAX_NEW_TOKENS,
              threads: int | None = None, out=None, on_prompt=None) -> dict:
     """Every artifact (label -> export directory) answers every prompt; writes `out` (JSON) when given."""
-    from .fsutil import write_json
+    from ..fsutil import write_json
     from .runtime import genai_support
 
     reasons = {label: r for label, path in artifacts.items() if (r := genai_support(path))}
@@ -158,28 +157,3 @@ def run_checks(artifacts: dict[str, Path], *, threads: int | None = None, on_pro
             "right": {label: sum(i[label]["right"] for i in items) for label in artifacts}}
 
 
-class GenerateStage(Stage):
-    """Pipeline stage: dense and expert answer the expert's prompts (report: "the expert talking")."""
-
-    name = "generate"
-    depends = ("export",)
-
-    def config_keys(self):
-        return ("expert", "prompts", "threads", "baseline")
-
-    def run(self, ctx, work: Path) -> dict:
-        prompts = prompts_for(ctx.config.expert, ctx.config.prompts)
-        export = ctx.stage_dir("export")
-        ctx.progress.start("generate: dense and expert answer the prompts",
-                           total=3 * (len(prompts) + len(checked_prompts())))
-        from .baseline import LABEL, builder_or_reason
-
-        # the checked answers of what a user ships without us too
-        builder, _ = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
-        record = generate({"dense": export / "dense", "expert": export / "expert",
-                           **({LABEL: builder} if builder is not None else {})}, prompts,
-                          threads=ctx.config.threads, out=work / GENERATIONS_FILE,
-                          on_prompt=lambda: ctx.progress.update(advance=1))
-        return {"file": GENERATIONS_FILE, "prompts": len(prompts), "skipped": record.get("skipped"),
-                "tok_s": record.get("tok_s"), "looping": record.get("looping"),
-                "checks_right": (record.get("checks") or {}).get("right")}

@@ -33,7 +33,7 @@ class LlamaCpp:
     (perplexity, parity); off for speed runs, where a user computes only the last position's."""
 
     def __init__(self, path, *, n_ctx: int = 512, threads: int = 2, exact: bool = False, all_logits: bool = True):
-        from .errors import UserError
+        from ..errors import UserError
 
         reason = missing()
         if reason:
@@ -121,7 +121,7 @@ class LlamaCpp:
 def gguf_ids(manifest: dict | None, model) -> tuple[np.ndarray | None, np.ndarray | None]:
     """For a trimmed-vocabulary expert: (original id -> GGUF id, -1 if dropped; GGUF id -> original id).
     (None, None) when the vocabulary was not trimmed: the ids are the same."""
-    from . import arch
+    from ..model import arch
 
     head = arch.get(model, arch.spec_for(model).lm_head)
     kept = getattr(head, "kept_ids", None)

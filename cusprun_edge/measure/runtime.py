@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from .errors import UserError
+    from ..errors import UserError
 except ImportError:  # run as a script (the benchmark's worker): import nothing of the package, no torch
 
     class UserError(Exception):

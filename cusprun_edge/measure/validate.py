@@ -16,9 +16,8 @@ import math
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .fsutil import write_json
-from .stages import Stage
+from ..errors import UserError
+from ..fsutil import write_json
 
 VALIDATE_FILE = "validate.json"
 
@@ -28,7 +27,7 @@ VALIDATE_FILE = "validate.json"
 
 def read_eval_text(source) -> list[str]:
     """Documents of a user's evaluation file: blank-line separated plain text, or .jsonl / a folder."""
-    from .corpora import read_texts
+    from ..config.corpora import read_texts
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -53,7 +52,7 @@ def read_eval_text(source) -> list[str]:
 
 def _eval_sets(expert: str | None, texts, max_docs: int | None, max_mc: int | None) -> dict[str, dict]:
     """category name -> {"texts": held-out documents, "mc": held-out items}."""
-    from .corpora import ExpertSpec
+    from ..config.corpora import ExpertSpec
 
     sets: dict[str, dict] = {}
     if expert:
@@ -225,7 +224,7 @@ def validate(
         dense_model, tokenizer = dense
         dense_source = getattr(dense_model.config, "_name_or_path", None) or "in-memory model"
     else:
-        from .models import load_model
+        from ..model.load import load_model
 
         dense_model, tokenizer = load_model(str(dense), trust_remote_code=trust_remote_code,
                                             allow_pickle=allow_pickle)
@@ -349,42 +348,3 @@ def three_way(expert_sums: dict, quantized_sums: dict) -> dict:
             "tokens": expert_sums["tokens"]}
 
 
-class ValidateStage(Stage):
-    """Pipeline stage: validate the exported expert against the dense model (PyTorch)."""
-
-    name = "validate"
-    depends = ("export",)
-
-    def config_keys(self):
-        return ("expert", "baseline")
-
-    def run(self, ctx, work: Path) -> dict:
-        from .corpora import ExpertSpec
-
-        model, tok = ctx.dense()
-        n = len(ExpertSpec.parse(ctx.config.expert).dims)
-        ctx.progress.start(f"validate: held-out texts of {n} categories, dense and expert")
-
-        def counted(_module, args, kwargs, _out):  # each held-out text (or choice) passes the dense model once
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            ctx.progress.update(advance=ids.shape[0] if ids is not None else 1)
-
-        hook = model.register_forward_hook(counted, with_kwargs=True)
-        from .baseline import builder_or_reason
-
-        builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
-        try:
-            dense_export = ctx.stage_dir("export") / "dense"
-            record = validate((model, tok), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
-                              out=work / VALIDATE_FILE, threads=ctx.config.threads,
-                              quantized_dense=dense_export if (dense_export / "manifest.json").is_file() else None,
-                              baseline=builder,
-                              on_category=lambda name, _: ctx.progress.update(description=f"validate: {name} done"))
-        finally:
-            hook.remove()
-        overall = record["overall"]
-        return {"file": VALIDATE_FILE, "categories": list(record["categories"]),
-                "retention": overall["retention"], "top1_agreement": overall.get("top1_agreement"),
-                "kl": overall.get("kl"), "dense_ppl": overall["dense"].get("ppl"),
-                "expert_ppl": overall["expert"].get("ppl"),
-                "baseline_ppl": (record.get("baseline") or {}).get("ppl"), "no_baseline": no_builder}

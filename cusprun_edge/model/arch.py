@@ -11,7 +11,7 @@ from operator import attrgetter
 
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..fsutil import atomic_directory, check_replaceable
 from . import arch
-from .errors import UserError
-from .fsutil import atomic_directory, check_replaceable
 from .structure import Structure, record_structure, shape_like
-from .vocab import shape_vocab_like
+from .vocab_layers import shape_vocab_like
 
 EXPERT_MARKER = "cusprun.json"
 

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
+from ..fsutil import atomic_directory, sha256_file
 from . import arch
-from .errors import UserError
 from .expert_io import load_expert, quiet_transformers
-from .fsutil import atomic_directory, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

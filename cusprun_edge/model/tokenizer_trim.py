@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserError
+from ..errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .errors import UserError
+from ..errors import UserError
 
 RATIO_FLOOR = 0.02  # below this the search refuses: the target is out of reach for this expert
 RATIO_CEILING = 0.60

@@ -1,6 +1,6 @@
-"""The stage base of the `build` pipeline: its config, the context stages share, and `Stage` itself.
+"""The stage base of the `build` pipeline: the context stages share, progress, and `Stage` itself.
 
-Stages (in their own modules) import this module only; `pipeline.py` composes them. A stage's
+The stages (stages.py) build on this module; build.py runs them. A stage's
 fingerprint covers its config keys, a digest of the inputs they name (the model's files, the corpora, the
 target profile: `INPUTS`), its upstream stages' fingerprints, the tool version and a hash of the code it
 runs, found from its imports (`stage_code`), so a stage re-runs when any of them changed (and every stage
@@ -13,34 +13,14 @@ import ast
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from .config import BuildConfig
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@dataclass
-class BuildConfig:
-    target: str = "x86-cpu"
-    model: str = "smollm2-135m"
-    expert: str = "language=en,domain=general"
-    ratio: float = 0.25
-    method: str = "cusprun"
-    precision: str | None = None  # the target's default when None
-    method_options: dict = field(default_factory=dict)
-    threads: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    quick_bench: bool = False
-    prompts: list[str] = field(default_factory=list)  # the user's own prompts for the generations
-    prune_vocab: bool = False
-    max_ppl_ratio: float | None = None  # when set, the prune stage searches the ratio (search.py)
-    quant_plan: str = "exact"  # the int4 plan (export/quant_plan.py PLANS)
-    beat_baseline: bool = False  # search the largest ratio whose int4 is no worse than the GenAI builder's dense
-    baseline: bool = True  # measure the GenAI builder's int4 of the dense model beside ours (baseline.py)
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # cusprun_edge/
 
 
 class Progress:
@@ -90,7 +70,7 @@ class BuildContext:
     def dense(self):
         """The dense model and tokenizer (loaded once per build, on first use)."""
         if self._model is None:
-            from .models import load_model
+            from ..model.load import load_model
 
             self._model = load_model(
                 self.config.model, trust_remote_code=self.config.trust_remote_code,
@@ -109,7 +89,7 @@ def _files_digest(paths) -> str:
 
 
 def _model_digest(source: str) -> str:
-    from .models import EMBEDDED, resolve_source
+    from ..model.load import EMBEDDED, resolve_source
 
     kind, where = resolve_source(source)
     if kind == "embedded":
@@ -121,7 +101,7 @@ def _model_digest(source: str) -> str:
 
 
 def _corpora_digest(expert: str) -> str:
-    from .corpora import ExpertSpec
+    from ..config.corpora import ExpertSpec
 
     corpora = ExpertSpec.parse(expert).corpora()  # every split: calibration, held apart, held out, multiple choice
     text = json.dumps({name: asdict(c) for name, c in corpora.items()}, sort_keys=True, default=str)
@@ -129,7 +109,7 @@ def _corpora_digest(expert: str) -> str:
 
 
 def _target_digest(target: str) -> str:
-    from .targets import resolve_target
+    from ..config.targets import resolve_target
 
     profile = {k: v for k, v in asdict(resolve_target(target)).items() if k != "path"}  # its content, not its place
     return hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -257,7 +237,7 @@ def _own_imports(path: Path, mtime_ns: int, size: int, qualname: str) -> list:
 def stage_code(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> dict[str, str]:
     """The code `stage_cls` runs: {file: sha256} of its own module (all of it) and of every package module
     that what the stage reaches of its own module imports, transitively. Only the imports are followed from
-    the reached part: pipeline.py's prune stage does not run report.py, which pipeline.py also imports."""
+    the reached part: stages.py's prune stage does not run report/render.py, which its report stage imports."""
     modules = package_modules(package_dir)
     own = stage_cls.__module__
     own_path = modules.get(own) or Path(inspect.getsourcefile(stage_cls))  # a stage from outside the package

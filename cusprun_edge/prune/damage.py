@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from . import arch
+from ..model import arch
+from ..model.structure import keep_ffn_channels, keep_heads
 from .reconstruct import _forward, _stream_nll, capture_stream, visiting
-from .structure import keep_ffn_channels, keep_heads
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from . import arch
-from .errors import UserError
+from ..errors import UserError
+from ..model import arch
+from ..model.structure import count_params
 from .score import CorpusScores, ScoreSet
-from .structure import count_params
 
 MIN_FFN_KEEP = 1 / 16  # never empty a layer's MLP: an all-zero block would waste the export anyway
 
@@ -424,6 +424,14 @@ def _global_plan(spec, geo, units, budget) -> tuple[list[int], list[list[int]], 
     return removed_ffn, removed_heads
 
 
+RATIO_MAX = 0.9  # of the prunable parameters: beyond it no layer keeps enough to refit
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= RATIO_MAX:
+        raise UserError(f"--ratio must be in (0, {RATIO_MAX}], got {ratio}")
+
+
 @torch.no_grad()
 def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
               options: dict | None = None, layer_damage: list[float] | None = None) -> Plan:
@@ -431,8 +439,7 @@ def make_plan(model, scores: ScoreSet | None, corpus_names: list[str], method: s
     allocation "damage" needs `layer_damage` (damage.layer_damage of the uniform plan; prune_model measures it)."""
     opts = dict(options or {})
     spec = method_with_overrides(method, opts)
-    if not 0 < ratio <= 0.9:
-        raise UserError(f"--ratio must be in (0, 0.9], got {ratio}")
+    check_ratio(ratio)
     if spec.allocation == "damage" and layer_damage is None:
         raise UserError("allocation=damage measures each layer's damage on held-apart documents; "
                         "run it through `prune`/`build`, which have the expert's corpora")

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, arch
-from .errors import UserError
-from .expert_io import save_expert
-from .methods import Plan, make_plan, method_with_overrides
-from .score import ScoreSet
-from .structure import (
+from .. import __version__
+from ..errors import UserError
+from ..model import arch
+from ..model.expert_io import save_expert
+from ..model.structure import (
     add_output_bias,
     count_params,
     keep_ffn_channels,
@@ -22,6 +21,8 @@ from .structure import (
     keep_layers,
     record_structure,
 )
+from .methods import Plan, make_plan, method_with_overrides
+from .score import ScoreSet
 
 
 @torch.no_grad()

@@ -37,10 +37,10 @@ from typing import Callable
 
 import torch
 
-from . import arch
-from .errors import UserError
-from .evaluate import nll_sum
-from .structure import keep_ffn_channels, keep_heads
+from ..errors import UserError
+from ..measure.evaluate import nll_sum
+from ..model import arch
+from ..model.structure import keep_ffn_channels, keep_heads
 
 MODES = ("none", "sequential", "one-shot")
 TARGETS = ("layer", "dense")

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import arch
-from .corpora import Corpus
-from .errors import UserError
+from ..config.corpora import Corpus
+from ..errors import UserError
+from ..model import arch
 
 SCORE_VERSION = 1
 

@@ -22,7 +22,6 @@ Experts saved by the previous rule (ids kept, dropped rows mapped to the unknown
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import unicodedata
@@ -30,49 +29,13 @@ import unicodedata
 import torch
 import torch.nn as nn
 
-from . import arch
-from .errors import UserError
-
-DROPPED_LOGIT = -1.0e4  # low enough for softmax, representable in fp16
-
+from ..errors import UserError
+from ..model import arch
+from ..model.vocab_layers import replace_module
 
 # --------------------------------------------------------------------------- the previous rule, for loading
 # experts it saved: ids kept, dropped rows mapped to the unknown row, logits scattered to full width
 
-
-class RemappedEmbedding(nn.Module):
-    """An embedding over kept rows that takes original token ids."""
-
-    def __init__(self, inner: nn.Embedding, id_map: torch.Tensor):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("id_map", id_map.long())
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.inner.weight
-
-    def forward(self, input_ids):
-        return self.inner(self.id_map[input_ids])
-
-
-class ScatteredLMHead(nn.Module):
-    """Logits for kept tokens, placed at their original ids in a full-vocabulary tensor."""
-
-    def __init__(self, inner: nn.Linear, kept_ids: torch.Tensor, vocab_size: int):
-        super().__init__()
-        self.inner = inner
-        self.vocab_size = vocab_size
-        self.register_buffer("kept_ids", kept_ids.long())
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.inner.weight
-
-    def forward(self, hidden):
-        kept = self.inner(hidden)
-        full = kept.new_full((*kept.shape[:-1], self.vocab_size), DROPPED_LOGIT)
-        return full.index_copy(-1, self.kept_ids, kept)
 
 
 def _script(ch: str) -> str | None:
@@ -88,50 +51,6 @@ def _script(ch: str) -> str | None:
 def text_scripts(texts: list[str]) -> set[str]:
     return {s for t in texts for s in map(_script, set(t)) if s}
 
-
-def _replace(model, path: str, module: nn.Module) -> None:
-    owner, _, name = path.rpartition(".")
-    setattr(arch.get(model, owner) if owner else model, name, module)
-
-
-@torch.no_grad()
-def prune_vocab(model, kept: torch.Tensor, unk_row: int = 0, tied: bool | None = None) -> dict:
-    """(The previous rule's layout.) Keep only the `kept` token ids (sorted) in the embedding and the output head, in place."""
-    spec = arch.spec_for(model)
-    embed = arch.get(model, spec.embed)
-    head = arch.get(model, spec.lm_head)
-    vocab = embed.weight.shape[0]
-    if tied is None:
-        tied = head.weight is embed.weight or bool(model.config.tie_word_embeddings)
-    id_map = torch.full((vocab,), unk_row, dtype=torch.long)
-    id_map[kept] = torch.arange(kept.numel())
-    new_embed = copy.copy(embed)  # same class (Gemma's embedding scales its output), own parameter dict
-    new_embed._parameters, new_embed._buffers = dict(embed._parameters), dict(embed._buffers)
-    new_embed.weight = nn.Parameter(embed.weight.data[kept].clone())
-    new_embed.num_embeddings = kept.numel()
-    if getattr(new_embed, "padding_idx", None) is not None:
-        pad = int(new_embed.padding_idx)
-        new_embed.padding_idx = int(id_map[pad]) if bool((kept == pad).any()) else None
-    new_head = nn.Linear(head.in_features, kept.numel(), bias=head.bias is not None,
-                         device=head.weight.device, dtype=head.weight.dtype)
-    if tied:
-        new_head.weight = new_embed.weight
-    else:
-        new_head.weight.data.copy_(head.weight.data[kept])
-    if head.bias is not None:
-        new_head.bias.data.copy_(head.bias.data[kept])
-    _replace(model, spec.embed, RemappedEmbedding(new_embed, id_map))
-    _replace(model, spec.lm_head, ScatteredLMHead(new_head, kept, vocab))
-    model.config.cusprun_vocab = {"kept": int(kept.numel()), "vocab_size": vocab, "tied": bool(tied),
-                                  "unk_row": unk_row}
-    return {"vocab_before": vocab, "vocab_after": int(kept.numel())}
-
-
-def shape_vocab_like(model, info: dict) -> None:
-    """Give a freshly built model the pruned-vocabulary modules recorded in `info` (weights unset)."""
-    n = info["kept"]
-    # placeholder ids: the real id_map and kept_ids buffers are loaded from the checkpoint afterwards
-    prune_vocab(model, torch.arange(n), info.get("unk_row", 0), tied=info["tied"])
 
 
 # --------------------------------------------------------------------------- trimming: rows removed for real
@@ -189,7 +108,7 @@ class KeepRule:
     """The tokens a trimmed vocabulary keeps for a size (see the module docstring); `keep(size)`."""
 
     def __init__(self, tokenizer, calib_texts: list[str], languages: list[str], words: int = WORDFREQ_WORDS):
-        from .tokenizer_trim import merge_parent_ids, required_ids
+        from ..model.tokenizer_trim import merge_parent_ids, required_ids
 
         tj = json.loads(tokenizer.backend_tokenizer.to_str())
         chat = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
@@ -277,8 +196,8 @@ def choose_size(model, tokenizer, rule: KeepRule, tune: list[str], floor: float 
     """The smallest grid size whose tune perplexity per dense token stays within `floor` x the untrimmed
     model's (bisection; perplexity falls as the vocabulary grows). Returns the search record; its `size` is
     None when no grid size below the full vocabulary passes."""
-    from .evaluate import clip_to_tokens, text_quality, torch_logits_fn
-    from .tokenizer_trim import trim_tokenizer
+    from ..measure.evaluate import clip_to_tokens, text_quality, torch_logits_fn
+    from ..model.tokenizer_trim import trim_tokenizer
 
     if floor < 1.0:
         raise UserError(f"--vocab-floor {floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
@@ -336,7 +255,7 @@ def trim_model_vocab(model, new_to_old: list[int]) -> None:
         new_head.weight.data.copy_(head.weight.data[index])
     if head.bias is not None:
         new_head.bias.data.copy_(head.bias.data[index])
-    _replace(model, spec.lm_head, new_head)
+    replace_module(model, spec.lm_head, new_head)
     for module in model.modules():  # transformers keeps a copy of vocab_size on some modules
         if getattr(module, "vocab_size", None) == vocab:
             module.vocab_size = len(new_to_old)
@@ -408,7 +327,7 @@ def trim_vocab_for_corpora(model, tokenizer, calib_texts: list[str], *, corpora:
     """Trim `model`'s vocabulary (in place) to what the expert's calibration text and languages need; the size
     is `size`, or the smallest within `floor` on the corpora's tune documents. Returns (trimmed tokenizer,
     record); `held_out` ({name: texts}) are only measured: coverage and tokens per word, dense and trimmed."""
-    from .tokenizer_trim import round_trip_failures, trim_tokenizer
+    from ..model.tokenizer_trim import round_trip_failures, trim_tokenizer
 
     rule = rule or vocab_rule(tokenizer, calib_texts, corpora, size)
     search = None
