@@ -172,8 +172,8 @@ def prune(
     trust_remote_code=True through the modeling file it carries; --hf-compat adds a copy that needs none)."""
     from . import outputs
     from .config.corpora import ExpertSpec
-    from .prune.methods import check_options, check_ratio, get_method
     from .prune.pruner import prune_and_save
+    from .prune.registry import check_options, check_ratio, get_method
     from .prune.score import ScoreSet, score_model
     from .prune.vocab import vocab_held_out
 

@@ -13,15 +13,6 @@ One module per job:
   build.py       export_model: all of the above in a temporary directory renamed into place
 """
 
-from ..fsutil import sha256_file
-from .attention import FUSED_ATTENTION, group_query_attention
-from .build import export_model, export_source
-from .common import DATA_FILE, MANIFEST_FILE, MODEL_FILE
-from .package import context_length, estimate_memory, verify_manifest, write_genai_config
-from .parity import PARITY_PROMPTS, THRESHOLDS, check_held_out, check_parity, held_out_texts, reference_logits
-from .precision import convert_precision
-from .trace import CachedDecoder, attention_implementation, export_onnx, io_names, rotary_caches
-
 __all__ = [
     "CachedDecoder", "DATA_FILE", "FUSED_ATTENTION", "MANIFEST_FILE", "MODEL_FILE", "PARITY_PROMPTS", "THRESHOLDS",
     "attention_implementation", "check_held_out", "check_parity", "context_length", "convert_precision",
@@ -29,3 +20,18 @@ __all__ = [
     "held_out_texts", "io_names", "reference_logits", "rotary_caches", "sha256_file", "verify_manifest",
     "write_genai_config",
 ]
+
+
+def __getattr__(name):
+    # Lazy, so that importing one light module (quant_plan's PLANS for a CLI check) does not import torch and
+    # the tracer. The import statement names every submodule, so the stage fingerprints' import graph
+    # (pipeline/stage.py) still sees what `from ..export import x` runs.
+    if name not in __all__:  # a submodule being imported, or a wrong name
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .. import fsutil
+    from . import attention, build, common, package, parity, precision, trace
+
+    for module in (build, trace, attention, common, package, parity, precision, fsutil):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(name)

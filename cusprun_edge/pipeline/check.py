@@ -14,7 +14,7 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     """Every check that needs no model, with one line naming the fix; returns cfg."""
     from ..config.targets import resolve_target
     from ..export.quant_plan import PLANS
-    from ..prune.methods import check_options, check_ratio
+    from ..prune.registry import check_options, check_ratio
     from .search import check_target
 
     check_ratio(cfg.ratio)
