@@ -511,3 +511,23 @@ def test_int4_quantizes_off_grid_weights_on_calibration_documents(tmp_path):
     assert manifest["timings_s"]["calibration"] > 0 and any("GPTQ" in n for n in manifest["notes"])
     plain = export_model(model, tok, "x86-cpu", tmp_path / "plain", precision="int4", thresholds=TINY_QUANTIZED)
     assert plain["quantization"]["plan"]["tensors"]["model.layers.0.mlp.down_proj"]["method"] == "fit"
+
+
+def test_a_traced_graph_is_reused_only_for_the_same_model(tmp_path, monkeypatch):
+    """The second export of the same weights takes the traced fp32 graph from the cache (byte for byte the
+    graph a fresh trace gives, gated on parity again); changed weights are traced anew."""
+    from cusprun_edge.export import MODEL_FILE, trace_cache
+
+    monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
+    model, tok = pruned("llama")
+    first = export_model(model, tok, "x86-cpu", tmp_path / "a", precision="fp32")
+    again = export_model(model, tok, "x86-cpu", tmp_path / "b", precision="fp32")
+    assert not any("from the cache" in n for n in first["notes"])
+    assert any("from the cache" in n for n in again["notes"])
+    assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "b" / MODEL_FILE).read_bytes()
+    assert again["parity"]["fp32"]["passed"] and len(list(trace_cache.root().iterdir())) == 1
+    with torch.no_grad():
+        arch.decoder_layers(model)[0].mlp.down_proj.weight.mul_(1.01)
+    changed = export_model(model, tok, "x86-cpu", tmp_path / "c", precision="fp32")
+    assert not any("from the cache" in n for n in changed["notes"])
+    assert len(list(trace_cache.root().iterdir())) == 2

@@ -18,6 +18,7 @@ from ..fsutil import atomic_directory
 from ..model import arch
 from ..model.structure import count_params, structure_of
 from . import parity as gate
+from . import trace_cache
 from .common import MANIFEST_FILE, MODEL_FILE, one_line
 from .package import (
     context_length,
@@ -292,20 +293,27 @@ def _export_fp32(model, attention, profile, reference, limits, directory, timing
         directory.mkdir()
         step("trace" if kind == "gqa" else "trace (plain attention)")
         t = time.perf_counter()
-        try:
-            onnx_model, exporter = export_onnx(model, kind, profile.opset, context_length(model, profile),
-                                               on_passes=lambda: step("graph passes"))
-        except UserError:
-            raise
-        except Exception as exc:  # a fused-attention failure is retried with plain attention; a plain one raises
-            if last:
+        key = trace_cache.trace_key(model, kind, profile.opset, context_length(model, profile)) \
+            if trace_cache.enabled() else None
+        cached = trace_cache.lookup(key, directory) if key else None
+        if cached:
+            exporter, rotary_fused = cached["exporter"], cached["rotary_fused"]
+            notes.append(f"traced graph reused from the cache ({key})")
+        else:
+            try:
+                onnx_model, exporter = export_onnx(model, kind, profile.opset, context_length(model, profile),
+                                                   on_passes=lambda: step("graph passes"))
+            except UserError:
                 raise
-            notes.append(f"GroupQueryAttention export failed ({one_line(exc)}); exported plain attention")
-            continue
-        rotary_fused = any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0)
-                           for n in onnx_model.graph)
-        save_onnx(onnx_model, directory / MODEL_FILE)
-        del onnx_model
+            except Exception as exc:  # a fused-attention failure is retried with plain attention; a plain one raises
+                if last:
+                    raise
+                notes.append(f"GroupQueryAttention export failed ({one_line(exc)}); exported plain attention")
+                continue
+            rotary_fused = any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0)
+                               for n in onnx_model.graph)
+            save_onnx(onnx_model, directory / MODEL_FILE)
+            del onnx_model
         timings["export"] = round(time.perf_counter() - t, 2)
         step("parity fp32")
         t = time.perf_counter()
@@ -319,6 +327,8 @@ def _export_fp32(model, attention, profile, reference, limits, directory, timing
             continue
         timings["parity_fp32"] = round(time.perf_counter() - t, 2)
         if parity["passed"]:
+            if key and not cached:
+                trace_cache.store(key, directory, {"exporter": exporter, "rotary_fused": rotary_fused})
             return kind, exporter, parity, rotary_fused
         if last:
             raise UserError(f"export failed parity (fp32): {parity['failure']}")

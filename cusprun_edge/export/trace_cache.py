@@ -1,0 +1,108 @@
+"""Traced fp32 graphs, kept in the user cache so the same model is traced once.
+
+Tracing is most of an export's time (SmolLM2-135M: about 30 s of torch.export, decompositions and onnxscript's
+optimizer on 2 cores), and the same dense model is traced again by every build of it, every precision and
+plan, and the builder comparison. A graph is stored under a key of everything that decides it: the weights
+and config (hashed), the attention kind, the opset, the rotary table length, the source of the modules that
+trace and rewrite it, and the versions of torch, onnxscript and onnx_ir. A hit is copied into the
+export's directory; the export gates it on parity as it would a fresh trace. The cache keeps the
+KEEP most recently used graphs. CUSPRUN_EDGE_TRACE_CACHE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .common import DATA_FILE, MODEL_FILE
+
+KEEP = 3
+INFO_FILE = "trace.json"
+# the modules whose source decides the traced graph
+CODE = ("trace.py", "attention.py", "passes.py", "common.py", "trace_cache.py")
+
+
+def enabled() -> bool:
+    return os.environ.get("CUSPRUN_EDGE_TRACE_CACHE", "1") != "0"
+
+
+def root() -> Path:
+    from ..model.load import cache_root
+
+    return cache_root() / "traces"
+
+
+def trace_key(model, attention: str, opset: int, max_positions: int) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in CODE:
+        h.update((here / name).read_bytes())
+    for dist in ("torch", "onnxscript", "onnx-ir", "transformers"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(dist.encode())
+    h.update(json.dumps([attention, opset, max_positions, model.config.to_json_string()]).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:24]
+
+
+def lookup(key: str, directory: Path) -> dict | None:
+    """Put the cached graph of `key` into `directory` (model.onnx and its data); its record, or None."""
+    entry = root() / key
+    info = entry / INFO_FILE
+    if not enabled() or not info.is_file():
+        return None
+    try:
+        record = json.loads(info.read_text())
+        for name in (MODEL_FILE, DATA_FILE):
+            _copy(entry / name, directory / name)
+    except (OSError, json.JSONDecodeError):
+        return None
+    os.utime(info)  # most recently used
+    return record
+
+
+def store(key: str, directory: Path, record: dict) -> None:
+    """Keep the graph in `directory` under `key` (complete or not at all), then drop the oldest beyond KEEP."""
+    if not enabled():
+        return
+    base = root()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in (MODEL_FILE, DATA_FILE):
+            _copy(directory / name, tmp / name)
+        (tmp / INFO_FILE).write_text(json.dumps({**record, "stored": time.time()}))
+        final = base / key
+        if final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except OSError:
+        shutil.rmtree(base / f".{key}.tmp-{os.getpid()}", ignore_errors=True)
+        return  # a full disk or a read-only cache costs a trace next time, nothing else
+    entries = sorted((p for p in base.iterdir() if (p / INFO_FILE).is_file()), key=lambda p: (p / INFO_FILE).stat().st_mtime)
+    for old in entries[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if not src.exists():
+        if src.name == DATA_FILE:
+            return  # a graph small enough to hold its weights inline
+        raise FileNotFoundError(src)
+    shutil.copyfile(src, dst)  # not a hard link: onnx refuses external data with several links
