@@ -11,16 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
-from test_validate import build_tiny_artifacts
 
 from cusprun_edge.errors import UserError
 
 SMALL = {"prompt_lengths": [8, 32], "new_tokens": 12, "reps": 2, "decode_reps": 2, "warmup": 1}
 
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory):
-    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
 
 
 def _gpu_package_installed() -> bool:

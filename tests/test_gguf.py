@@ -243,8 +243,12 @@ def test_llama_cpp_check_measures_what_pytorch_measures(tmp_path):
     write_gguf(dense, tok, tmp_path / "dense.gguf", requant="q8_0")
     texts = [" ".join(TEXT[i:i + 5]) for i in range(0, 10, 5)]
     rec = check_in_llama_cpp(model, tok, tmp_path / "expert.gguf", tmp_path / "dense.gguf", texts,
-                             ["The quick brown", "def add(a, b):"], rounds=2)
+                             ["The quick brown", "def add(a, b):"], rounds=2, dense=(dense, tok))
     assert rec["parity"]["max_abs_diff"] < TOL and rec["parity"]["top1_agreement"] == 1.0
+    # the tolerance is the dense pair's own drift: a q8_0 dense GGUF against its fp32 weights in PyTorch
+    dense_par = rec["dense_vs_pytorch"]["parity"]
+    assert 0 < dense_par["max_abs_diff"] and dense_par["positions"] == rec["parity"]["positions"]
+    assert rec["faithful"]["passed"] and rec["faithful"]["top1"]["dense"] == dense_par["top1_agreement"]
     nll, count = 0.0, 0
     for t in texts:
         ids = torch.tensor([tok(t)["input_ids"][:512]])
@@ -259,6 +263,16 @@ def test_llama_cpp_check_measures_what_pytorch_measures(tmp_path):
         s = rec["speed"]["models"][name]
         assert len(s["decode_tok_s_rounds"]) == 2 and s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0
     assert rec["greedy"]["prompts"] == 2 and all(r["tokens"] > 0 for r in rec["greedy"]["rows"])
+
+
+def test_faithful_means_as_close_to_pytorch_as_the_dense_gguf_is():
+    from cusprun_edge.measure.gguf_check import FAITHFUL_TOP1, faithful
+
+    greedy = {"identical": 1, "prompts": 2, "rows": [{"agree_tokens": 32}, {"agree_tokens": 6}]}
+    dense = {"top1_agreement": 0.97}
+    close = faithful({"top1_agreement": 0.97 - FAITHFUL_TOP1 / 2}, greedy, dense, greedy)
+    assert close["passed"] and close["greedy_mean_agreed_tokens"] == {"expert": 19.0, "dense": 19.0}
+    assert not faithful({"top1_agreement": 0.97 - 2 * FAITHFUL_TOP1}, greedy, dense, greedy)["passed"]
 
 
 def test_build_refuses_gguf_for_gemma_before_anything_runs(tmp_path):
@@ -302,3 +316,31 @@ def test_trimmed_vocabulary_keeps_the_source_tokenizer_for_kept_tokens(tmp_path)
         assert np.abs(got - ref).max() < TOL
     finally:
         run.close()
+
+
+@needs_llama_cpp
+def test_build_format_gguf_runs_before_the_report_which_shows_llama_cpp(tiny_builds, tmp_path):  # noqa: F811
+    """A finished build resumed with --format gguf: every ONNX stage is skipped, the gguf stage runs, and the
+    report (which now reads it) runs again with a llama.cpp table beside the ONNX ones."""
+    import dataclasses
+    import shutil
+
+    from conftest import USER_PROMPT, tiny_build_config
+
+    from cusprun_edge.pipeline.build import build, stages_for
+    from cusprun_edge.report.tables import tables
+
+    finished, _, _ = tiny_builds
+    out = tmp_path / "r30"
+    shutil.copytree(finished, out)
+    dense_hf = json.loads((out / "build.json").read_text())["model"]
+    cfg = dataclasses.replace(tiny_build_config(dense_hf, 0.3, [USER_PROMPT], True), formats=("onnx", "gguf"))
+    assert [s.name for s in stages_for(cfg)][-2:] == ["gguf", "report"]
+    seen = []
+    build(cfg, out, on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
+    assert [n for n, s in seen if s == "done"] == ["gguf", "report"]
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data["gguf"]["checked"] == "llama.cpp" and "faithful" in data["gguf"]
+    title, header, rows = next(t for t in tables(data) if t[0].startswith("llama.cpp"))
+    assert header[1:3] == ["dense source GGUF", "expert GGUF"] and len(rows) == 5
+    assert "llama.cpp" in (out / "report" / "report.md").read_text()

@@ -8,15 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from test_report import _config, tiny_artifacts, tiny_builds  # noqa: F401  (session fixtures shared with the report tests)
+from conftest import REPO, USER_PROMPT, tiny_build_config
 
 from cusprun_edge.pipeline import build as pipeline
 
 
 def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "build"
-    cfg = _config(tiny_artifacts["dense_hf"], 0.4)
+    cfg = tiny_build_config(tiny_artifacts["dense_hf"], 0.4)
     bench_stage = next(s for s in pipeline.STAGES if s.name == "bench")
     original = type(bench_stage).run
 
@@ -48,7 +47,7 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
 
     # a changed ratio re-runs pruning and everything after it, but not loading or scoring
     seen.clear()
-    pipeline.build(_config(tiny_artifacts["dense_hf"], 0.5), out,
+    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.5), out,
                    on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert [n for n, s in seen if s == "skipped"] == ["load", "score"]
     assert [n for n, s in seen if s == "done"] == ["prune", "export", "validate", "bench", "generate", "report"]
@@ -56,7 +55,7 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
     # a stage run again (its directory deleted: new speed figures) re-runs the stages that read it
     shutil.rmtree(out / "bench")
     seen.clear()
-    pipeline.build(_config(tiny_artifacts["dense_hf"], 0.5), out,
+    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.5), out,
                    on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert [n for n, s in seen if s == "done"] == ["bench", "report"]
 
@@ -113,7 +112,6 @@ def test_cli_build_is_quiet_and_logs_libraries(tiny_builds, tiny_artifacts, tmp_
     exporter and ONNX Runtime print goes to <out>/build.log. Resumed from a finished build with its
     export removed, so export, validate, bench, generate and report really run."""
     from conftest import run_cli
-    from test_report import USER_PROMPT
 
     finished, _, _ = tiny_builds
     out = tmp_path / "build"

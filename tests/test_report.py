@@ -10,47 +10,9 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import assert_one_line_error, run_cli
-from test_validate import build_tiny_artifacts
+from conftest import EXPERT, USER_PROMPT, assert_one_line_error, run_cli, tiny_build_config
 
 from cusprun_edge.errors import UserError
-
-EXPERT = "language=en,domain=general"
-
-
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory):
-    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
-
-
-USER_PROMPT = "Write one sentence about the sea:"
-
-
-def _config(model_dir, ratio, prompts=(), baseline=False):
-    from cusprun_edge.pipeline.config import BuildConfig
-
-    return BuildConfig(target="x86-cpu", model=str(model_dir), expert=EXPERT, ratio=ratio, method="magnitude",
-                       precision="fp32", quick_bench=True, threads=1, prompts=list(prompts), baseline=baseline)
-
-
-@pytest.fixture(scope="session")
-def tiny_builds(tiny_artifacts, tmp_path_factory):
-    """Two full pipeline builds of the tiny model (ratios 0.3 and 0.5) side by side in one parent."""
-    from cusprun_edge.pipeline.build import build
-
-    parent = tmp_path_factory.mktemp("builds")
-    stages = {}
-    for name, ratio in (("r50", 0.5), ("r30", 0.3)):  # r30 last: its report sees the sibling r50
-        if name == "r30":  # same model and corpora: the finished load and score stages carry over (skipped)
-            for stage in ("load", "score"):
-                shutil.copytree(parent / "r50" / stage, parent / name / stage)
-            shutil.copy(parent / "r50" / "build.json", parent / name)  # a build resumes only its own directory
-        stages[name] = seen = []
-        # r30 measures the GenAI builder's int4 of the dense model beside ours (the baseline its verdict names)
-        build(_config(tiny_artifacts["dense_hf"], ratio, [USER_PROMPT] if name == "r30" else [], name == "r30"),
-              parent / name,
-              on_stage=lambda s, state, seen=seen: seen.append((s, state)))
-    return parent / "r30", parent / "r50", stages
 
 
 def test_pipeline_ends_with_report(tiny_builds):
@@ -151,7 +113,7 @@ def test_failed_stage_keeps_earlier_stages(tiny_builds, tiny_artifacts, tmp_path
     (broken / "export" / "expert" / "manifest.json").unlink()
     with pytest.raises(UserError, match="stage 'validate' failed: .*manifest.json.*finished stages kept .*"
                                         "load, score, prune, export.*run the same command again to resume"):
-        build(_config(tiny_artifacts["dense_hf"], 0.3, [USER_PROMPT]), broken)
+        build(tiny_build_config(tiny_artifacts["dense_hf"], 0.3, [USER_PROMPT]), broken)
     for stage in ("load", "score", "prune", "export"):
         assert (broken / stage / "stage.json").exists()
     assert not (broken / "validate").exists()

@@ -41,10 +41,6 @@ def build_tiny_artifacts(root):
     return _CACHE["art"]
 
 
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory):
-    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
-
 
 def _validate(art, expert_art, **kw):
     from cusprun_edge.measure.validate import validate

@@ -44,9 +44,14 @@ def register_stage(stage: Stage) -> None:
 
 
 def stages_for(config: BuildConfig) -> list[Stage]:
-    """The stages a build runs: the ONNX pipeline, then one per extra format it asks for."""
-    extra = [stages.GGUFStage()] if "gguf" in config.formats else []
-    return STAGES + [s for s in extra if all(s.name != t.name for t in STAGES)]
+    """The stages a build runs: the ONNX pipeline, with one stage per extra format before the report, which
+    then reads it too (its fingerprint follows the extra stage)."""
+    if "gguf" not in config.formats or any(s.name == "gguf" for s in STAGES):
+        return list(STAGES)
+    report = next(i for i, s in enumerate(STAGES) if s.name == "report")
+    reads_gguf = stages.ReportStage()
+    reads_gguf.depends = (*reads_gguf.depends, "gguf")
+    return [*STAGES[:report], stages.GGUFStage(), reads_gguf, *STAGES[report + 1:]]
 
 
 def _finished(ctx: BuildContext, stage: Stage, fp: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-STAGE_NAMES = ("load", "score", "prune", "export", "validate", "bench", "generate", "report")
+STAGE_NAMES = ("load", "score", "prune", "export", "validate", "bench", "generate", "gguf", "report")
 
 
 PLOTS = ("latency", "structure", "quality_vs_ratio")
@@ -42,6 +42,7 @@ def read_build(build_dir) -> dict:
         "validate": _read_json(root / "validate" / "validate.json"),
         "bench": _read_json(root / "bench" / "bench.json"),
         "generations": _read_json(root / "generate" / "generations.json"),
+        "gguf": _read_json(root / "gguf" / "gguf.json"),  # build --format gguf
     }
     return build
 
@@ -240,6 +241,7 @@ def collect(build_dir, compare=()) -> dict:
         "stages": {name: {"seconds": rec.get("seconds")} for name, rec in build["stages"].items()},
         "generations": build["generations"],
         "baseline": _baseline_side(build),
+        "gguf": build["gguf"],
     }
 
 

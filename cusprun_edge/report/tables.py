@@ -45,7 +45,7 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[fmt_ratio(ret.get("top1_agreement")), fmt(ret.get("kl"))]]))
 
     for extra in (_baseline_table(data), _checks_table(data), three_way_table(data.get("three_way")),
-                  search_table(data), _vocab_table(data), _speed_limit_table(data)):
+                  search_table(data), _vocab_table(data), llama_cpp_table(data), _speed_limit_table(data)):
         if extra:
             out.append(extra)
 
@@ -177,6 +177,35 @@ def _vocab_table(data: dict):
     rows = [[name, f"{cov:.4%}"] for name, cov in (vocab.get("coverage") or {}).items()]
     return (f"Vocabulary pruning ({vocab['vocab_before']:,} -> {vocab['vocab_after']:,} tokens; rule: {vocab.get('rule')}): "
             "share of held-out tokens the kept vocabulary contains", ["text", "coverage"], rows)
+
+
+def _file_size(path) -> int | None:
+    return Path(path).stat().st_size if path and Path(path).is_file() else None
+
+
+def llama_cpp_table(data: dict):
+    """`--format gguf`: the expert's GGUF and the dense source GGUF, both run in llama.cpp in one run."""
+    rec = data.get("gguf")
+    if not rec or "ppl" not in rec:
+        return None
+    speed, ppl = rec["speed"], rec["ppl"]
+    dense_par = (rec.get("dense_vs_pytorch") or {}).get("parity") or {}
+    dense_greedy = (rec.get("dense_vs_pytorch") or {}).get("greedy") or {}
+
+    def greedy(g):
+        return f"{g['identical']}/{g['prompts']}" if g else "-"
+
+    rows = [["held-out perplexity (eval split)", fmt(ppl["dense"]["ppl"], 4), fmt(ppl["expert"]["ppl"], 4),
+             fmt_ratio(ppl["ratio"])],
+            [f"decode tokens/s ({speed['threads']} threads, alternating)",
+             fmt(speed["models"]["dense"]["decode_tok_s"], 4), fmt(speed["models"]["expert"]["decode_tok_s"], 4),
+             fmt_ratio(speed["decode_speedup"])],
+            ["file", megabytes(_file_size(rec.get("dense_gguf"))), megabytes((rec.get("export") or {}).get("bytes")), ""],
+            ["top-1 agreement with PyTorch (held-out)", fmt(dense_par.get("top1_agreement")),
+             fmt(rec["parity"]["top1_agreement"]), ""],
+            ["greedy answers identical to PyTorch's", greedy(dense_greedy), greedy(rec.get("greedy")), ""]]
+    return (f"llama.cpp: {rec.get('summary', 'GGUF')}", ["", "dense source GGUF", "expert GGUF", "expert / dense"],
+            rows)
 
 
 def three_way_table(three: dict | None):
