@@ -82,7 +82,7 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
     from cusprun_edge.config.corpora import ExpertSpec
     from cusprun_edge.export.gguf import GGUF_FILE, export_gguf, source_gguf_for
     from cusprun_edge.measure.generate import prompts_for
-    from cusprun_edge.measure.llamacpp import alternating_speed, greedy_agreement, held_out_nll, parity
+    from cusprun_edge.measure.gguf_check import check_in_llama_cpp
     from cusprun_edge.model.expert_io import expert_record, load_expert
 
     torch.set_num_threads(threads)
@@ -104,20 +104,11 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
 
     corpora = ExpertSpec.parse(spec).corpora()
     eval_texts = [t for c in corpora.values() for t in c.eval]
-    ids = [tok(t)["input_ids"][:512] for t in eval_texts[:8]]
-    say("parity")
-    par = parity(model, expert_gguf, ids, threads=threads, exact=True)
     prompts = [q["prompt"] for q in prompts_for(spec)]
-    say("greedy answers")
-    greedy = greedy_agreement(model, tok, expert_gguf, prompts, max_new_tokens=32, threads=threads)
-
-    say("perplexity")
-    ppl = {"expert_gguf": held_out_nll(expert_gguf, eval_texts, threads=threads),
-           "dense_source_gguf": held_out_nll(source, eval_texts, threads=threads)}
-    say("speed")
-    speed = alternating_speed({"dense_source_gguf": source, "expert_gguf": expert_gguf}, "\n\n".join(eval_texts),
-                              rounds=rounds, threads=threads)
-    d, e = speed["models"]["dense_source_gguf"], speed["models"]["expert_gguf"]
+    # the same check as the build's gguf stage: parity and greedy answers of both files against PyTorch,
+    # held-out perplexity, alternating speed
+    check = check_in_llama_cpp(model, tok, expert_gguf, source, eval_texts, prompts, threads=threads, rounds=rounds,
+                               on_step=say)
     import llama_cpp
 
     result = {
@@ -131,19 +122,11 @@ def run(expert_dir: Path, threads: int, rounds: int, requant: str) -> dict:
                    "padded_ffn_layers": len(manifest["padded_ffn"]), "requant": requant,
                    "types": _type_counts(manifest)},
         "copied_blocks": copies,
-        "parity_vs_pytorch_fp32": {**par, "settings": "flash attention off, fp32 KV cache, 2 threads",
-                                   "documents": len(ids)},
-        "greedy_vs_pytorch_fp32": {k: greedy[k] for k in ("identical", "prompts", "max_new_tokens")}
-        | {"rows": greedy["rows"]},
-        "held_out_ppl": {**ppl, "ratio": ppl["expert_gguf"]["ppl"] / ppl["dense_source_gguf"]["ppl"],
-                         "split": "eval", "max_tokens_per_document": 512},
-        "speed": {**speed, "decode_speedup": e["decode_tok_s"] / d["decode_tok_s"],
-                  "prefill_speedup": e["prefill_tok_s"] / d["prefill_tok_s"]},
+        **check,
     }
     path = write_json("gguf.json", result)
-    print(json.dumps({"ppl": {k: round(v["ppl"], 3) for k, v in ppl.items()},
-                      "decode_tok_s": {k: round(v["decode_tok_s"], 1) for k, v in speed["models"].items()},
-                      "parity": par, "greedy_identical": f"{greedy['identical']}/{greedy['prompts']}",
+    print(json.dumps({"ppl": {k: round(check["ppl"][k]["ppl"], 3) for k in ("dense", "expert")},
+                      "decode_speedup": round(check["speed"]["decode_speedup"], 3), "faithful": check["faithful"],
                       "copied": copies}, indent=1))
     from .common import RESULTS
     from .results_md import write_results_md
