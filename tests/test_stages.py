@@ -121,7 +121,7 @@ def test_imports_are_followed_from_what_the_stage_reaches():
     assert "cusprun_edge/report/render.py" not in files["load"] | files["score"] | files["prune"] | files["export"]
 
 
-def test_a_changed_input_changes_the_stages_whose_config_names_it(tmp_path):
+def test_a_changed_input_changes_the_stages_whose_config_names_it(tmp_path, monkeypatch):
     """Beyond code: the model's files, the expert's corpora and the target profile are digested into the
     fingerprint of every stage whose config keys name them (the stages after follow through upstream)."""
     from cusprun_edge.config.targets import builtin_dirs
@@ -160,3 +160,12 @@ def test_a_changed_input_changes_the_stages_whose_config_names_it(tmp_path):
     base = fingerprints()
     target.write_text(target.read_text().replace("memory_budget_mb = ", "memory_budget_mb = 1"))
     assert changed(base) == naming("target") == {"export", "bench"}  # bench runs at the target's thread count
+    # the built-in prompts and checked prompts are package data, not code: their content is an input too
+    from cusprun_edge.config import corpora
+
+    calib = tmp_path / "calib"
+    shutil.copytree(corpora.calib_root(), calib)
+    monkeypatch.setattr(corpora, "calib_root", lambda: calib)
+    base = fingerprints()
+    (calib / "checks.json").write_text((calib / "checks.json").read_text() + "\n")
+    assert changed(base) == naming("prompts") == {"generate"}

@@ -115,8 +115,19 @@ def _target_digest(target: str) -> str:
     return hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _prompts_digest(_user_prompts) -> str:
+    """The built-in prompts and checked prompts the generate stage answers (the user's own are in the config)."""
+    from ..config.corpora import calib_root
+
+    h = hashlib.sha256()
+    for name in ("prompts.json", "checks.json"):
+        path = calib_root() / name
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
 # config keys that name an input from outside the build -> how to digest it
-INPUTS = {"model": _model_digest, "expert": _corpora_digest, "target": _target_digest}
+INPUTS = {"model": _model_digest, "expert": _corpora_digest, "target": _target_digest, "prompts": _prompts_digest}
 
 
 # --------------------------------------------------------------------------- the code a stage runs
