@@ -1,5 +1,5 @@
 """`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
-results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks vocab` vocabulary trimming; `python -m benchmarks gguf` the expert as GGUF in llama.cpp."""
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks vocab` vocabulary trimming; `python -m benchmarks gguf` the expert as GGUF in llama.cpp; `python -m benchmarks default-vs-builder BUILD` a build's expert vs the builder."""
 
 import argparse
 import os
@@ -17,6 +17,11 @@ def main() -> None:
         from . import builder
 
         builder.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["default-vs-builder"]:  # a build's expert vs the builder, alternating (default_vs_builder.py)
+        from . import default_vs_builder
+
+        default_vs_builder.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["prune-cost"]:  # the prune stage's time and memory (benchmarks/prune_cost.py)
         from . import prune_cost
