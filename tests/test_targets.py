@@ -137,3 +137,20 @@ def test_accuracy_level_is_recorded_per_target():
     for profile in list_targets():
         assert profile.accuracy_level == 4, profile.name
         assert profile.to_dict()["accuracy_level"] == 4
+
+
+def test_a_profile_can_ship_gguf_too(tmp_path):
+    """`formats` in a profile adds artifacts to every build for that target; ONNX stays, unknown ones are named."""
+    from cusprun_edge.pipeline.build import stages_for
+    from cusprun_edge.pipeline.check import build_formats
+    from cusprun_edge.pipeline.config import BuildConfig
+
+    assert resolve_target("x86-cpu").formats == ("onnx",)
+    path = _write(tmp_path, _builtin_text().replace('name = "x86-cpu"', 'name = "llama-box"\nformats = ["onnx", "gguf"]'))
+    cfg = BuildConfig(target=str(path))
+    assert build_formats(cfg) == ("onnx", "gguf") and build_formats(BuildConfig()) == ("onnx",)
+    assert [s.name for s in stages_for(cfg)][-2:] == ["gguf", "report"]
+    for bad, words in (('["gguf"]', "must include onnx"), ('["onnx", "tflite"]', "is 'tflite'; choose one of")):
+        path = _write(tmp_path, _builtin_text().replace('name = "x86-cpu"', f'name = "x"\nformats = {bad}'))
+        with pytest.raises(UserError, match=words):
+            resolve_target(str(path))

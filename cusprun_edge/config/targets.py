@@ -23,6 +23,7 @@ from ..errors import UserError
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 ATTENTION_KINDS = ("gqa", "standard")
+FORMATS = ("onnx", "gguf")  # what a build ships: ONNX always; "gguf" adds a GGUF for llama.cpp (stage gguf)
 PROVIDERS = (
     "TensorrtExecutionProvider",
     "NvTensorRTRTXExecutionProvider",
@@ -65,6 +66,7 @@ class TargetProfile:
     # int8 per block inside the CPU kernel (MLAS's fast path); the CUDA kernel ignores it.
     accuracy_level: int = 4
     aliases: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ("onnx",)  # artifacts a build for this target ships (FORMATS)
     path: str = ""  # the file it was read from
 
     def to_dict(self) -> dict:
@@ -72,6 +74,7 @@ class TargetProfile:
         d["providers"] = [asdict(p) for p in self.providers]
         d["precisions"] = list(self.precisions)
         d["aliases"] = list(self.aliases)
+        d["formats"] = list(self.formats)
         return d
 
 
@@ -94,6 +97,7 @@ _FIELDS: dict[str, tuple[type, bool]] = {
     "attention": (str, False),
     "accuracy_level": (int, False),
     "aliases": (list, False),
+    "formats": (list, False),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table"}
 
@@ -150,9 +154,13 @@ def parse_profile(raw: dict, path: Path) -> TargetProfile:
                 raise _bad(path, name, "is missing")
             continue
         _check_type(path, name, raw[name], kind)
-    for name in ("precisions", "aliases"):
+    for name in ("precisions", "aliases", "formats"):
         for i, item in enumerate(raw.get(name, [])):
             _check_type(path, f"{name}[{i}]", item, str)
+    for item in raw.get("formats", []):
+        _check_choice(path, "formats", item, FORMATS)
+    if "formats" in raw and "onnx" not in raw["formats"]:
+        raise _bad(path, "formats", "must include onnx (the report and the checks read the ONNX artifacts)")
     for item in raw["precisions"]:
         _check_choice(path, "precisions", item, PRECISIONS)
     if not raw["precisions"]:
@@ -187,6 +195,7 @@ def parse_profile(raw: dict, path: Path) -> TargetProfile:
         attention=raw.get("attention", "gqa"),
         accuracy_level=raw.get("accuracy_level", 4),
         aliases=tuple(raw.get("aliases", ())),
+        formats=tuple(raw.get("formats", ("onnx",))),
         path=str(path),
     )
 

@@ -44,9 +44,11 @@ def register_stage(stage: Stage) -> None:
 
 
 def stages_for(config: BuildConfig) -> list[Stage]:
-    """The stages a build runs: the ONNX pipeline, with one stage per extra format before the report, which
-    then reads it too (its fingerprint follows the extra stage)."""
-    if "gguf" not in config.formats or any(s.name == "gguf" for s in STAGES):
+    """The stages a build runs: the ONNX pipeline, with one stage per extra format (the config's or the target
+    profile's) before the report, which then reads it too (its fingerprint follows the extra stage)."""
+    from .check import build_formats
+
+    if "gguf" not in build_formats(config) or any(s.name == "gguf" for s in STAGES):
         return list(STAGES)
     report = next(i for i, s in enumerate(STAGES) if s.name == "report")
     reads_gguf = stages.ReportStage()

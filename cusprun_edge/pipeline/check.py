@@ -7,12 +7,12 @@ from pathlib import Path
 
 from ..config.corpora import ExpertSpec
 from ..errors import UserError
-from .config import FORMATS, BuildConfig
+from .config import BuildConfig
 
 
 def check_config(cfg: BuildConfig) -> BuildConfig:
     """Every check that needs no model, with one line naming the fix; returns cfg."""
-    from ..config.targets import resolve_target
+    from ..config.targets import FORMATS, resolve_target
     from ..export.quant_plan import PLANS
     from ..prune.registry import check_options, check_ratio
     from .search import check_target
@@ -37,11 +37,19 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or "onnx" not in cfg.formats:
         raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(unknown) or cfg.formats)}'")
-    if "gguf" in cfg.formats:
+    if "gguf" in build_formats(cfg):
         from ..export.gguf import check_source_supported
 
         check_source_supported(cfg.model)
     return cfg
+
+
+def build_formats(cfg: BuildConfig) -> tuple[str, ...]:
+    """What the build ships: the config's formats and its target profile's."""
+    from ..config.targets import resolve_target
+
+    extra = [f for f in resolve_target(cfg.target).formats if f not in cfg.formats]
+    return (*cfg.formats, *extra)
 
 
 def check_precision(profile, precision: str | None) -> None:

@@ -17,7 +17,6 @@ import tomllib
 from ..errors import UserError
 
 RECIPE_FILE = "recipe.toml"
-FORMATS = ("onnx", "gguf")
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class BuildConfig:
     quant_plan: str = "fast"  # the int4 plan (export/quant_plan.py PLANS)
     beat_baseline: bool = False  # search the largest ratio whose int4 is no worse than the GenAI builder's dense
     baseline: bool = True  # measure the GenAI builder's int4 of the dense model beside ours (measure/baseline.py)
-    formats: tuple[str, ...] = ("onnx",)  # "gguf" adds the gguf stage
+    formats: tuple[str, ...] = ("onnx",)  # "gguf" adds the gguf stage; the target profile may add it too
 
     def __post_init__(self):  # lists from JSON or TOML become tuples: the config is a value
         object.__setattr__(self, "prompts", tuple(self.prompts))
