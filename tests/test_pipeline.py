@@ -13,9 +13,13 @@ from conftest import REPO, USER_PROMPT, tiny_build_config
 from cusprun_edge.pipeline import build as pipeline
 
 
-def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # noqa: F811
+def test_interrupted_build_resumes(tiny_builds, tiny_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """The finished ratio-0.5 build, its last three stages removed, runs again with bench interrupted."""
     out = tmp_path / "build"
-    cfg = tiny_build_config(tiny_artifacts["dense_hf"], 0.4)
+    shutil.copytree(tiny_builds[1], out)
+    for stage in ("bench", "generate", "report"):
+        shutil.rmtree(out / stage)
+    cfg = tiny_build_config(tiny_artifacts["dense_hf"], 0.5)
     bench_stage = next(s for s in pipeline.STAGES if s.name == "bench")
     original = type(bench_stage).run
 
@@ -47,7 +51,7 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
 
     # a changed ratio re-runs pruning and everything after it, but not loading or scoring
     seen.clear()
-    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.5), out,
+    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.4), out,
                    on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert [n for n, s in seen if s == "skipped"] == ["load", "score"]
     assert [n for n, s in seen if s == "done"] == ["prune", "export", "validate", "bench", "generate", "report"]
@@ -55,7 +59,7 @@ def test_interrupted_build_resumes(tiny_artifacts, tmp_path, monkeypatch):  # no
     # a stage run again (its directory deleted: new speed figures) re-runs the stages that read it
     shutil.rmtree(out / "bench")
     seen.clear()
-    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.5), out,
+    pipeline.build(tiny_build_config(tiny_artifacts["dense_hf"], 0.4), out,
                    on_stage=lambda name, state: seen.append((name, state.split(" ")[0])))
     assert [n for n, s in seen if s == "done"] == ["bench", "report"]
 
