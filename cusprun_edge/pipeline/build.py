@@ -66,14 +66,19 @@ def _finished(ctx: BuildContext, stage: Stage, fp: str) -> bool:
         return False
 
 
+def _stage_names() -> list[str]:
+    """Every stage a build can run: the pipeline's and those a format adds."""
+    return [*(s.name for s in STAGES), *(n for n in (stages.GGUFStage.name,) if all(s.name != n for s in STAGES))]
+
+
 def _finished_stages(out: Path) -> list[str]:
-    return [s.name for s in STAGES if (out / s.name / "stage.json").is_file()]
+    return [name for name in _stage_names() if (out / name / "stage.json").is_file()]
 
 
 def _clear_leftovers(out: Path) -> None:
     """Temporary stage directories a killed run left behind (a finished stage was renamed away)."""
-    for stage in STAGES:
-        for tmp in out.glob(f".{stage.name}.tmp-*"):
+    for name in _stage_names():
+        for tmp in out.glob(f".{name}.tmp-*"):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
 
