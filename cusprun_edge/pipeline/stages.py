@@ -394,7 +394,7 @@ class GGUFStage(Stage):
             dense_now = work / "dense" / GGUF_FILE
         else:
             dense_gguf = dense_now = source
-        record = {"expert_gguf": f"expert/{GGUF_FILE}", "dense_gguf": str(dense_gguf),
+        record = {"expert_gguf": f"expert/{GGUF_FILE}", "dense_gguf": str(dense_gguf), "dense_bytes": dense_now.stat().st_size,
                   "export": {k: manifest[k] for k in ("architecture", "bytes", "counts", "fallbacks", "requant")},
                   "summary": summary_line(manifest)}
         reason = missing()
@@ -406,7 +406,7 @@ class GGUFStage(Stage):
             prompts = [p["prompt"] for p in prompts_for(ctx.config.expert, ctx.config.prompts)]
             record["checked"] = "llama.cpp"
             record |= check_in_llama_cpp(expert, etok, work / "expert" / GGUF_FILE, dense_now, eval_texts, prompts,
-                                         threads=ctx.config.threads or 2,
+                                         threads=ctx.config.threads or 2, dense=ctx.dense(),
                                          on_step=lambda s: ctx.progress.update(description=f"gguf: {s}", advance=1))
         (work / RECORD_FILE).write_text(json.dumps(record, indent=2))
         out = {"file": RECORD_FILE, "summary": record["summary"], "checked": record["checked"]}

@@ -179,10 +179,6 @@ def _vocab_table(data: dict):
             "share of held-out tokens the kept vocabulary contains", ["text", "coverage"], rows)
 
 
-def _file_size(path) -> int | None:
-    return Path(path).stat().st_size if path and Path(path).is_file() else None
-
-
 def llama_cpp_table(data: dict):
     """`--format gguf`: the expert's GGUF and the dense source GGUF, both run in llama.cpp in one run."""
     rec = data.get("gguf")
@@ -200,7 +196,7 @@ def llama_cpp_table(data: dict):
             [f"decode tokens/s ({speed['threads']} threads, alternating)",
              fmt(speed["models"]["dense"]["decode_tok_s"], 4), fmt(speed["models"]["expert"]["decode_tok_s"], 4),
              fmt_ratio(speed["decode_speedup"])],
-            ["file", megabytes(_file_size(rec.get("dense_gguf"))), megabytes((rec.get("export") or {}).get("bytes")), ""],
+            ["file", megabytes(rec.get("dense_bytes")), megabytes((rec.get("export") or {}).get("bytes")), ""],
             ["top-1 agreement with PyTorch (held-out)", fmt(dense_par.get("top1_agreement")),
              fmt(rec["parity"]["top1_agreement"]), ""],
             ["greedy answers identical to PyTorch's", greedy(dense_greedy), greedy(rec.get("greedy")), ""]]
