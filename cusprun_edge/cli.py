@@ -56,11 +56,6 @@ def _console():
     return Console()
 
 
-def _corpus_paths(spec) -> list[str]:
-    """The expert's values that are paths (a user's corpus): an output may not be written inside one."""
-    return [v for v in (spec.dims.values() if spec else ()) if Path(v).expanduser().exists()]
-
-
 def _load(model: str, trust_remote_code: bool, allow_pickle: bool):
     from .model.load import load_model
 
@@ -136,7 +131,7 @@ def score(
 
     spec = None if all_corpora else ExpertSpec.parse(expert)
     out = outputs.check_output(out, kind="file", force=force, owner=outputs.SCORES,
-                               inputs=[model, *_corpus_paths(spec)])
+                               inputs=[model, *(spec.user_paths() if spec else ())])
     corpora = all_builtin_corpora() if all_corpora else spec.corpora()
     from .model.load import load_model
 
@@ -185,7 +180,7 @@ def prune(
     spec = get_method(method)
     expert_spec = ExpertSpec.parse(expert)
     out = outputs.check_output(out, kind="dir", force=force, owner=outputs.EXPERT,
-                               inputs=[model, scores, *_corpus_paths(expert_spec)])
+                               inputs=[model, scores, *expert_spec.user_paths()])
     if scores is not None and not scores.is_file():
         raise UserError(f"no score file at {scores}; run `cusprun-edge score` first" if not scores.exists()
                         else f"--scores {scores} is a directory; pass the score file `cusprun-edge score` wrote")

@@ -199,6 +199,10 @@ class ExpertSpec:
     def __str__(self) -> str:
         return ",".join(f"{d}={c}" for d, c in self.dims.items())
 
+    def user_paths(self) -> list[str]:
+        """The values that are paths to the user's own data: an output may not be written inside one."""
+        return [v for v in self.dims.values() if Path(v).expanduser().exists()]
+
     def corpora(self) -> dict[str, Corpus]:
         """corpus name ("domain/medical", "user:PATH") -> Corpus; each must have calibration text."""
         out = {}

@@ -3,8 +3,6 @@ one line naming the fix for each problem (UserError)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..config.corpora import ExpertSpec
 from ..errors import UserError
 from .config import BuildConfig
@@ -21,7 +19,8 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     check_options(cfg.method, dict(cfg.method_options))
     spec = ExpertSpec.parse(cfg.expert)
     check_held_out(spec.corpora())
-    check_precision(resolve_target(cfg.target), cfg.precision)
+    profile = resolve_target(cfg.target)
+    check_precision(profile, cfg.precision)
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads must be 1 or more, got {cfg.threads}")
     if any(not p.strip() for p in cfg.prompts):
@@ -37,18 +36,18 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or "onnx" not in cfg.formats:
         raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(unknown) or cfg.formats)}'")
-    if "gguf" in build_formats(cfg):
+    if "gguf" in build_formats(cfg, profile):
         from ..export.gguf import check_source_supported
 
         check_source_supported(cfg.model)
     return cfg
 
 
-def build_formats(cfg: BuildConfig) -> tuple[str, ...]:
-    """What the build ships: the config's formats and its target profile's."""
+def build_formats(cfg: BuildConfig, profile=None) -> tuple[str, ...]:
+    """What the build ships: the config's formats and its target profile's (resolved here when not given)."""
     from ..config.targets import resolve_target
 
-    extra = [f for f in resolve_target(cfg.target).formats if f not in cfg.formats]
+    extra = [f for f in (profile or resolve_target(cfg.target)).formats if f not in cfg.formats]
     return (*cfg.formats, *extra)
 
 
@@ -63,9 +62,7 @@ def config_inputs(cfg: BuildConfig) -> list:
     """The user's files this build reads: its output may not be written inside any of them."""
     from ..config.targets import resolve_target
 
-    spec = ExpertSpec.parse(cfg.expert)
-    mine = [v for v in spec.dims.values() if Path(v).expanduser().exists()]
-    return [cfg.model, resolve_target(cfg.target).path or None, *mine]
+    return [cfg.model, resolve_target(cfg.target).path or None, *ExpertSpec.parse(cfg.expert).user_paths()]
 
 
 def check_held_out(corpora: dict) -> None:

@@ -9,7 +9,7 @@ recipe it ran (`<out>/recipe.toml`), so `build --recipe <out>/recipe.toml` runs 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomllib
@@ -81,11 +81,10 @@ class BuildConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        defaults = cls()
         for name, value in data.items():
             if not _same_kind(value, known[name].type):
                 raise UserError(f"{where}: {name} = {value!r} has the wrong type ({known[name].type})")
-        return replace(defaults, **data)
+        return cls(**data)
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
