@@ -73,14 +73,7 @@ def prune_vocab(model, kept: torch.Tensor, unk_row: int = 0, tied: bool | None =
     if getattr(new_embed, "padding_idx", None) is not None:
         pad = int(new_embed.padding_idx)
         new_embed.padding_idx = int(id_map[pad]) if bool((kept == pad).any()) else None
-    new_head = nn.Linear(head.in_features, kept.numel(), bias=head.bias is not None,
-                         device=head.weight.device, dtype=head.weight.dtype)
-    if tied:
-        new_head.weight = new_embed.weight
-    else:
-        new_head.weight.data.copy_(head.weight.data[kept])
-    if head.bias is not None:
-        new_head.bias.data.copy_(head.bias.data[kept])
+    new_head = kept_head(head, kept, new_embed.weight if tied else None)
     replace_module(model, spec.embed, RemappedEmbedding(new_embed, id_map))
     replace_module(model, spec.lm_head, ScatteredLMHead(new_head, kept, vocab))
     model.config.cusprun_vocab = {"kept": int(kept.numel()), "vocab_size": vocab, "tied": bool(tied),
@@ -93,3 +86,16 @@ def shape_vocab_like(model, info: dict) -> None:
     n = info["kept"]
     # placeholder ids: the real id_map and kept_ids buffers are loaded from the checkpoint afterwards
     prune_vocab(model, torch.arange(n), info.get("unk_row", 0), tied=info["tied"])
+
+
+def kept_head(head: nn.Linear, kept: torch.Tensor, tied_to: nn.Parameter | None = None) -> nn.Linear:
+    """An output head over the `kept` rows of `head`; its weight is `tied_to` (the trimmed embedding's) when tied."""
+    new = nn.Linear(head.in_features, kept.numel(), bias=head.bias is not None,
+                    device=head.weight.device, dtype=head.weight.dtype)
+    if tied_to is not None:
+        new.weight = tied_to
+    else:
+        new.weight.data.copy_(head.weight.data[kept])
+    if head.bias is not None:
+        new.bias.data.copy_(head.bias.data[kept])
+    return new

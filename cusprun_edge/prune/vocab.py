@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..model import arch
-from ..model.vocab_layers import replace_module
+from ..model.vocab_layers import kept_head, replace_module
 
 # --------------------------------------------------------------------------- the previous rule, for loading
 # experts it saved: ids kept, dropped rows mapped to the unknown row, logits scattered to full width
@@ -247,15 +247,7 @@ def trim_model_vocab(model, new_to_old: list[int]) -> None:
     embed.num_embeddings = len(new_to_old)
     if getattr(embed, "padding_idx", None) is not None:
         embed.padding_idx = old_to_new.get(int(embed.padding_idx))
-    new_head = nn.Linear(head.in_features, len(new_to_old), bias=head.bias is not None,
-                         device=head.weight.device, dtype=head.weight.dtype)
-    if tied:
-        new_head.weight = embed.weight
-    else:
-        new_head.weight.data.copy_(head.weight.data[index])
-    if head.bias is not None:
-        new_head.bias.data.copy_(head.bias.data[index])
-    replace_module(model, spec.lm_head, new_head)
+    replace_module(model, spec.lm_head, kept_head(head, index, embed.weight if tied else None))
     for module in model.modules():  # transformers keeps a copy of vocab_size on some modules
         if getattr(module, "vocab_size", None) == vocab:
             module.vocab_size = len(new_to_old)
