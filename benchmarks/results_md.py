@@ -253,6 +253,21 @@ def _defaults_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _scale_section(s: dict) -> list[str]:
+    """Peak memory and time per command on the 1B-8B stand-ins (benchmarks/scale.py)."""
+    m = s["machine"]
+    lines = [f"Stand-ins with the published shapes and random bf16 weights (memory and time only, no quality), "
+             f"scored on a user corpus of general-domain documents. {m.get('cpu')}, {m.get('cores')} cores, "
+             f"{m['date']}. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the whole "
+             "model loaded first (scoring before the layer loop).", "",
+             "| model | parameters (B) | bf16 on disk GB | command | peak RSS GB | seconds | calibration tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['model']} | {r['params_b']} | {r['bf16_gb_on_disk']} | {r['command']} | "
+                     f"{r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
+    return lines + [""]
+
+
 def _prune_cost_section(c: dict) -> list[str]:
     """The prune stage's time and peak memory per model and device (benchmarks/prune_cost.py)."""
     lines = ["cusprun's default recipe (damage probes, then the sequential refit), en+general at 25%. On cuda the "
@@ -353,6 +368,9 @@ def write_results_md() -> Path:
     cost = _load("prune_cost.json")
     if cost:
         lines += ["## What the prune stage costs", ""] + _prune_cost_section(cost)
+    scale = _load("scale.json")
+    if scale:
+        lines += ["## 1B-8B models on this host (stand-ins)", ""] + _scale_section(scale)
     builder = _load("builder.json")
     if builder:
         lines += ["## Our int4 export beside ONNX Runtime GenAI's model builder", ""] + _builder_section(builder)

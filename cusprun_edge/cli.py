@@ -136,7 +136,12 @@ def score(
     from .model.load import load_model
 
     outputs.on_interrupt(f"nothing was written to {out}")
-    m, tok = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
+    if device == "cpu":  # the decoder layers are read from disk one at a time (model/lazy.py)
+        from .model.lazy import lazy_model
+
+        m, tok = lazy_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    else:
+        m, tok = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, device=device)
     scores = score_model(m, tok, corpora, batch_size=batch_size, max_length=max_length)
     with outputs.write_file(out) as path:
         try:
@@ -169,7 +174,7 @@ def prune(
     trust_remote_code=True through the modeling file it carries; --hf-compat adds a copy that needs none)."""
     from . import outputs
     from .config.corpora import ExpertSpec
-    from .prune.pruner import prune_and_save
+    from .prune.pruner import prune_and_save, prunes_layer_by_layer
     from .prune.registry import check_options, check_ratio, get_method
     from .prune.score import ScoreSet, score_model
     from .prune.vocab import vocab_held_out
@@ -188,7 +193,12 @@ def prune(
     check_options(method, method_options)
     corpora = expert_spec.corpora()
     outputs.on_interrupt(f"nothing was written to {out}")
-    m, tok = _load(model, trust_remote_code, allow_pickle)
+    if device in (None, "cpu") and prunes_layer_by_layer(method, method_options, prune_vocab):
+        from .model.lazy import lazy_model  # one decoder layer in memory at a time
+
+        m, tok = lazy_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    else:
+        m, tok = _load(model, trust_remote_code, allow_pickle)
     score_set = None
     if spec.needs_data:
         score_set = ScoreSet.load(scores) if scores else score_model(m, tok, corpora)

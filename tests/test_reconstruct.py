@@ -13,12 +13,12 @@ from cusprun_edge import UserError
 from cusprun_edge.config.corpora import Corpus
 from cusprun_edge.measure.evaluate import perplexity, torch_logits_fn
 from cusprun_edge.model import arch
+from cusprun_edge.model.sequential import capture_stream
 from cusprun_edge.model.structure import structure_of
 from cusprun_edge.prune.methods import METHODS, Plan, make_plan
 from cusprun_edge.prune.pruner import apply_plan, prune_model
 from cusprun_edge.prune.reconstruct import (
     alive_statistics,
-    capture_stream,
     choose_and_refit,
     obs_select,
     refit_columns,

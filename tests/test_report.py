@@ -60,6 +60,12 @@ def test_report_json_content(tiny_builds):
     md = (a / "report" / "report.md").read_text()
     assert "| domain/general |" in md and "![latency](latency.png)" in md
     assert (a / "report" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every stage's time and its own peak memory, as its record holds them, in the report's stage table
+    for name in ("load", "score", "prune", "export", "validate", "bench"):
+        record = json.loads((a / name / "stage.json").read_text())
+        assert record["peak_rss_scope"] == "stage" and record["peak_rss_mb"] > 50  # torch alone is more
+        assert data["stages"][name]["peak_rss_mb"] == record["peak_rss_mb"]
+        assert f"| {name} | {record['seconds']:.1f} | {record['peak_rss_mb'] / 1024:.2f} |" in md
 
 
 def test_report_html_is_self_contained(tiny_builds):

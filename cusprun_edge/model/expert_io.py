@@ -10,6 +10,7 @@ import torch
 from ..errors import UserError
 from ..fsutil import atomic_directory, check_replaceable
 from . import arch
+from .shards import is_lazy, reader_of
 from .structure import Structure, record_structure, shape_like
 from .vocab_layers import shape_vocab_like
 
@@ -29,11 +30,47 @@ def save_expert(model, tokenizer, out: Path, record: dict, force: bool = False) 
         if vocab and vocab["tied"]:  # transformers only knows the dense tie; save the shared matrix once
             head_key = arch.spec_for(model).lm_head + ".inner.weight"
             state = {k: v for k, v in model.state_dict().items() if k != head_key}
-        model.save_pretrained(tmp, state_dict=state)
+        if is_lazy(model):
+            _save_layer_by_layer(model, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         add_remote_code(tmp, model.config)
         (tmp / EXPERT_MARKER).write_text(json.dumps(record, indent=2, default=str))
     return out
+
+
+def _save_layer_by_layer(model, directory: Path) -> None:
+    """Save a lazy model whose every layer was staged on disk by the prune (lazy.ShardReader.stage_layer): the
+    layers' files are linked (or copied) into `directory` beside one file of the rest, with an index, so the
+    whole model is never in memory."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    reader = reader_of(model)
+    prefix = arch.spec_for(model).layers + "."
+    layer_names = [n for n in reader.names() if n.startswith(prefix)]
+    head = arch.spec_for(model).lm_head + ".weight"
+    rest = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(prefix) and not (k == head and model.config.tie_word_embeddings)}
+    save_file(rest, str(directory / "model-rest.safetensors"), metadata={"format": "pt"})
+    weight_map = dict.fromkeys(rest, "model-rest.safetensors")
+    for name in layer_names:
+        source = reader.files[name]
+        target = directory / source.name
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:  # another file system
+                shutil.copyfile(source, target)
+        weight_map[name] = source.name
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                        indent=2))
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 REMOTE_CODE_FILE = "modeling_cusprun.py"

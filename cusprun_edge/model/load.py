@@ -163,7 +163,7 @@ def cache_state(name: str) -> str:
 # --------------------------------------------------------------------------- the loader
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """One line of a library's error: its first line (with the next when it ends in ':'), never a pointer to a
     report we did not print."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -175,7 +175,7 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:240]}"
 
 
-def _check_hf_dir(path: Path, allow_pickle: bool) -> None:
+def check_hf_dir(path: Path, allow_pickle: bool) -> None:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{path} has no config.json; pass a Hugging Face model directory, a .gguf file or a model name")
@@ -258,14 +258,14 @@ def load_model(
         except UserError:
             raise
         except Exception as exc:  # a truncated weight file, a config transformers cannot build: one line
-            raise UserError(f"could not load the expert {where}: {_first_line(exc)}; is it complete?") from None
+            raise UserError(f"could not load the expert {where}: {first_line(exc)}; is it complete?") from None
     if kind == "embedded":
         where = convert_gguf(EMBEDDED[where].locate())
     elif kind == "gguf":
         where = convert_gguf(where)
     else:
         if kind == "hf-dir":
-            _check_hf_dir(where, allow_pickle)
+            check_hf_dir(where, allow_pickle)
     return _from_pretrained(str(where), kind, trust_remote_code, allow_pickle, dtype, device)
 
 
@@ -318,7 +318,7 @@ def _from_pretrained(where, kind, trust_remote_code, allow_pickle, dtype, device
     except UserError:
         raise
     except Exception as exc:  # truncated safetensors, bad config values, inconsistent shapes: one line
-        raise UserError(f"could not load {where}: {_first_line(exc)}") from None
+        raise UserError(f"could not load {where}: {first_line(exc)}") from None
     arch.spec_for(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

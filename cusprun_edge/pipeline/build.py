@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..measure.memory import format_size, measured
 from . import stages
 from .config import RECIPE_FILE, BuildConfig
 from .stage import BuildContext, Progress, Stage
@@ -151,10 +152,10 @@ def _run_stages(ctx: BuildContext, on_stage, rerun: bool = False) -> dict:
         if on_stage:
             on_stage(stage.name, "running")
         work = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=out))
-        t0 = time.time()
         ctx.progress.begin(stage.name, stage.own_progress)
         try:
-            result = stage.run(ctx, work)
+            with measured() as span:
+                result = stage.run(ctx, work)
         except UserError as exc:
             shutil.rmtree(work, ignore_errors=True)
             raise UserError(f"stage '{stage.name}' failed: {exc}") from None
@@ -163,8 +164,7 @@ def _run_stages(ctx: BuildContext, on_stage, rerun: bool = False) -> dict:
             raise
         finally:
             ctx.progress.end()
-        record = {"stage": stage.name, "fingerprint": fp, "seconds": round(time.time() - t0, 2),
-                  "finished": time.time(), "result": result}
+        record = {"stage": stage.name, "fingerprint": fp, **span.record(), "finished": time.time(), "result": result}
         ctx.fingerprints[stage.name] = f"{fp}@{record['finished']}"
         (work / "stage.json").write_text(json.dumps(record, indent=2, default=str))
         if final.exists():
@@ -172,5 +172,5 @@ def _run_stages(ctx: BuildContext, on_stage, rerun: bool = False) -> dict:
         work.rename(final)
         records[stage.name] = record
         if on_stage:
-            on_stage(stage.name, f"done in {record['seconds']:.1f} s")
+            on_stage(stage.name, f"done in {record['seconds']:.1f} s, peak memory {format_size(span.peak_bytes)}")
     return records

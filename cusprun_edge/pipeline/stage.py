@@ -50,6 +50,7 @@ class BuildContext:
         self.out = out
         self.progress = progress or Progress()
         self._model = None
+        self._streamed = None
         self.fingerprints: dict[str, str] = {}
         self._inputs: dict[str, str] = {}
 
@@ -72,11 +73,24 @@ class BuildContext:
         if self._model is None:
             from ..model.load import load_model
 
+            self._streamed = None  # the whole model holds everything the streamed one did
             self._model = load_model(
                 self.config.model, trust_remote_code=self.config.trust_remote_code,
                 allow_pickle=self.config.allow_pickle,
             )
         return self._model
+
+    def streamed(self):
+        """The dense model and tokenizer for stages that sweep it layer by layer (model/sequential.py): its
+        decoder layers stay on disk until a sweep reads one (model/lazy.py). The whole model once loaded."""
+        if self._model is not None:
+            return self._model
+        if self._streamed is None:
+            from ..model.lazy import lazy_model
+
+            self._streamed = lazy_model(self.config.model, trust_remote_code=self.config.trust_remote_code,
+                                        allow_pickle=self.config.allow_pickle)
+        return self._streamed
 
 
 def _files_digest(paths) -> str:

@@ -27,14 +27,14 @@ class LoadStage(Stage):
         from ..prune.score import model_fingerprint
 
         ctx.progress.start(f"loading {ctx.config.model}")
-        model, _ = ctx.dense()
+        model, _ = ctx.streamed()
         return {"model": ctx.config.model, "model_hash": model_fingerprint(model), "params": count_params(model)}
 
 
 class ScoreStage(Stage):
     name = "score"
     depends = ("load",)
-    own_progress = True  # score_model draws its own bar (documents)
+    own_progress = True  # score_model draws its own bar (layers)
 
     def config_keys(self):
         return ("expert",)
@@ -45,7 +45,7 @@ class ScoreStage(Stage):
         from ..config.corpora import ExpertSpec
         from ..prune.score import score_model
 
-        model, tok = ctx.dense()
+        model, tok = ctx.streamed()  # one decoder layer in memory at a time
         corpora = ExpertSpec.parse(ctx.config.expert).corpora()
         # its bar draws on rich's console: only on a terminal (piped, it would leave a blank line)
         scores = score_model(model, tok, corpora, show_progress=rich.get_console().is_terminal)
@@ -72,12 +72,14 @@ class PruneStage(Stage):
         import copy
 
         from ..config.corpora import ExpertSpec
-        from ..prune.pruner import prune_and_save
+        from ..prune.pruner import prune_and_save, prunes_layer_by_layer
         from ..prune.score import ScoreSet
         from ..prune.vocab import vocab_held_out
 
         cfg = ctx.config
-        model, tok = ctx.dense()
+        # one decoder layer in memory at a time where the prune allows it; the ratio search prunes whole probes
+        layerwise = not _searching(cfg) and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
+        model, tok = ctx.streamed() if layerwise else ctx.dense()
         scores = ScoreSet.load(ctx.stage_dir("score") / "scores.safetensors")
         corpora = ExpertSpec.parse(cfg.expert).corpora()
         names = list(corpora)

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..model import arch
+from ..model.shards import materialized
 from ..model.structure import count_params
 from .registry import (  # noqa: F401
     METHODS,
@@ -107,6 +108,15 @@ def score_cusprun(model, corpora, opts) -> list[LayerUnits]:
     return out
 
 
+def _weighted_parts(model):
+    """(i, the parts of decoder layer i) with their weights, for scorers that read them: a lazy model's layers
+    are read one at a time (model/shards.py)."""
+    spec = arch.spec_for(model)
+    for i in range(len(arch.decoder_layers(model))):
+        with materialized(model, i) as layer:
+            yield i, arch.layer_parts(layer, spec)
+
+
 def _w(linear) -> torch.Tensor:
     """A projection's weight on the CPU in fp32, where the statistics are (the model may be on an accelerator)."""
     return linear.weight.detach().float().cpu()
@@ -115,7 +125,7 @@ def _w(linear) -> torch.Tensor:
 def score_wanda_sp(model, corpora, opts) -> list[LayerUnits]:
     out = []
     hd = arch.head_dim(model)
-    for i, p in enumerate(arch.all_layer_parts(model)):
+    for i, p in _weighted_parts(model):
         a_norm = pooled(corpora, "ffn_sq", i).sqrt()
         x_mlp = pooled(corpora, "mlp_in_sq", i).sqrt()
         x_att = pooled(corpora, "attn_in_sq", i).sqrt()
@@ -141,7 +151,7 @@ def score_flap(model, corpora, opts) -> list[LayerUnits]:
     per layer and unit type so that one global threshold compares them (FLAP's adaptive structure)."""
     hd = arch.head_dim(model)
     raw = []
-    for i, p in enumerate(arch.all_layer_parts(model)):
+    for i, p in _weighted_parts(model):
         _, var_a = _variance(corpora, "ffn", i)
         _, var_o = _variance(corpora, "o", i)
         ffn = var_a * _w(p.down).pow(2).sum(0)
@@ -158,7 +168,7 @@ def score_seap(model, corpora, opts) -> list[LayerUnits]:
     hd = arch.head_dim(model)
     n = n_tokens(corpora)
     out = []
-    for i, p in enumerate(arch.all_layer_parts(model)):
+    for i, p in _weighted_parts(model):
         ffn = pooled(corpora, "ffn_abs", i) / n * _w(p.down).norm(dim=0)
         heads = (pooled(corpora, "o_abs", i) / n * _w(p.o).norm(dim=0)).view(-1, hd).sum(1)
         out.append(LayerUnits(ffn, heads))
@@ -168,7 +178,7 @@ def score_seap(model, corpora, opts) -> list[LayerUnits]:
 def score_magnitude(model, corpora, opts) -> list[LayerUnits]:
     hd = arch.head_dim(model)
     out = []
-    for p in arch.all_layer_parts(model):
+    for _, p in _weighted_parts(model):
         ffn = _w(p.gate).abs().sum(1) + _w(p.up).abs().sum(1) + _w(p.down).abs().sum(0)
         heads = _w(p.q).abs().sum(1).view(-1, hd).sum(1) + _w(p.o).abs().sum(0).view(-1, hd).sum(1)
         out.append(LayerUnits(ffn, heads))
@@ -409,7 +419,7 @@ def _compensation(model, corpora, plan: Plan):
     n = n_tokens(corpora)
     hd = arch.head_dim(model)
     ffn_bias, o_bias = [], []
-    for i, p in enumerate(arch.all_layer_parts(model)):
+    for i, p in _weighted_parts(model):
         mean_a = pooled(corpora, "ffn_sum", i) / n
         gone = torch.ones(p.down.in_features, dtype=torch.bool)
         gone[plan.ffn_keep[i]] = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,8 +10,10 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
+from ..measure.memory import measured
 from ..model import arch
 from ..model.expert_io import save_expert
+from ..model.shards import materialized, reader_of
 from ..model.structure import (
     add_output_bias,
     count_params,
@@ -22,66 +23,74 @@ from ..model.structure import (
     record_structure,
 )
 from .methods import Plan, make_plan, method_with_overrides
+from .reconstruct import load_refitted_layer
 from .score import ScoreSet
 
 
 @torch.no_grad()
-def apply_plan(model, plan: Plan) -> None:
-    """Physically remove the units the plan drops (in place)."""
+def apply_plan(model, plan: Plan, refitted: dict | None = None, staging: Path | None = None) -> None:
+    """Physically remove the units the plan drops (in place), and copy in the `refitted` output projections
+    (reconstruct.choose_and_refit's weights) when given.
+
+    A lazy model (model/lazy.py) is edited one layer at a time: each layer is read, edited, written into the
+    directory `staging` (one safetensors file per layer, float32) and dropped, and the model reads it from
+    there afterwards, so the whole model never sits in memory (save_expert moves the files into the expert)."""
     spec = arch.spec_for(model)
     hd = arch.head_dim(model)
-    for i, parts in enumerate(arch.all_layer_parts(model)):
-        if plan.ffn_bias and plan.ffn_bias[i] is not None:
-            add_output_bias(parts, "mlp", plan.ffn_bias[i], spec)
-        if plan.o_bias and plan.o_bias[i] is not None:
-            add_output_bias(parts, "attn", plan.o_bias[i], spec)
-        parts = arch.layer_parts(arch.decoder_layers(model)[i], spec)
-        if plan.ffn_keep[i].numel() < parts.down.in_features:
-            keep_ffn_channels(parts, plan.ffn_keep[i], spec)
-        if len(plan.q_keep[i]) < parts.o.in_features // hd or len(plan.kv_keep[i]) < parts.k.out_features // hd:
-            keep_heads(parts, plan.q_keep[i], plan.kv_keep[i], hd, spec)
+    reader = reader_of(model)
+    if reader is not None and staging is None:
+        raise ValueError("a lazy model is pruned layer by layer into a staging directory: pass staging")
+    for i in range(len(arch.decoder_layers(model))):
+        with materialized(model, i) as layer:
+            _edit_layer(layer, i, plan, spec, hd)
+            if refitted and i in refitted:
+                load_refitted_layer(layer, i, refitted[i], spec)
+            if reader is not None:
+                reader.stage_layer(f"{spec.layers}.{i}.", layer, Path(staging) / f"layer-{i:05d}.safetensors")
     if len(plan.layers_keep) < len(arch.decoder_layers(model)):
+        if reader is not None:
+            raise UserError("removing whole layers is not done layer by layer yet; load the model whole")
         keep_layers(model, plan.layers_keep)
     record_structure(model)
 
 
+def _edit_layer(layer, i: int, plan: Plan, spec, hd: int) -> None:
+    parts = arch.layer_parts(layer, spec)
+    if plan.ffn_bias and plan.ffn_bias[i] is not None:
+        add_output_bias(parts, "mlp", plan.ffn_bias[i], spec)
+    if plan.o_bias and plan.o_bias[i] is not None:
+        add_output_bias(parts, "attn", plan.o_bias[i], spec)
+    parts = arch.layer_parts(layer, spec)
+    if plan.ffn_keep[i].numel() < parts.down.in_features:
+        keep_ffn_channels(parts, plan.ffn_keep[i], spec)
+    if len(plan.q_keep[i]) < parts.o.in_features // hd or len(plan.kv_keep[i]) < parts.k.out_features // hd:
+        keep_heads(parts, plan.q_keep[i], plan.kv_keep[i], hd, spec)
+
+
 @contextmanager
 def _peak_memory(device):
-    """Peak resident memory of this process while the block runs (sampled every 20 ms), and on CUDA the
-    peak allocated device memory: the prune stage's footprint for the record."""
-    import psutil
-
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-    peak[0] = proc.memory_info().rss
-
-    def sample():
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
+    """Peak resident memory of this process while the block runs (measure/memory.py), and on CUDA the peak
+    allocated device memory: the prune stage's footprint for the record."""
     cuda = torch.device(device).type == "cuda" if device is not None else False
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     out: dict = {}
-    thread.start()
-    try:
+    with measured() as span:
         yield out
-    finally:
-        done.set()
-        thread.join()
-        out["peak_rss_mb"] = round(max(peak[0], proc.memory_info().rss) / 2**20, 1)
-        if cuda:
-            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    out["peak_rss_mb"] = span.record()["peak_rss_mb"]
+    if cuda:
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
                 options: dict | None = None, *, tokenizer=None, corpora: dict | None = None,
-                device=None) -> dict:
+                device=None, staging: Path | None = None) -> dict:
     """Prune `model` in place; returns a record with the achieved ratio and parameter counts.
 
     Methods whose recipe reconstructs (cusprun by default; any method with --option reconstruct=...) refit the
     kept output projections on the `corpora` (name -> Corpus): scoring documents for the statistics,
-    held-apart `tune` documents for the ridge; they need the tokenizer and the corpora."""
+    held-apart `tune` documents for the ridge; they need the tokenizer and the corpora.
+    A lazy model (model/lazy.py) is pruned one layer at a time into the directory `staging` (apply_plan)."""
     spec = method_with_overrides(method, dict(options or {}))
     if spec.needs_data and scores is not None:
         scores.check_model(model)
@@ -107,12 +116,7 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
         plan = make_plan(model, scores, corpus_names, method, ratio, options,
                          layer_damage=damage["damage"] if damage else None)
         recon = _reconstruct(model, plan, spec, tokenizer, corpora, device)
-        apply_plan(model, plan)
-        if recon.get("weights"):
-            from .reconstruct import load_refitted
-
-            load_refitted(model, recon.pop("weights"))
-        recon.pop("weights", None)
+        apply_plan(model, plan, recon.pop("weights", None), staging)
     after = count_params(model)
     return {
         "method": method,
@@ -128,6 +132,13 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
         "seconds": round(time.time() - t0, 2),
         **memory,
     }
+
+
+def prunes_layer_by_layer(method: str, options: dict | None = None, prune_vocab: bool = False) -> bool:
+    """Whether this prune can run on a lazy model, one decoder layer in memory at a time (everything but
+    removing whole layers and trimming the vocabulary, which still need the whole model)."""
+    spec = method_with_overrides(method, dict(options or {}))
+    return spec.allocation != "layers" and not prune_vocab
 
 
 def _has_tune(tokenizer, corpora) -> bool:
@@ -186,11 +197,40 @@ def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: P
     probe); only the rest is done."""
     rule = None
     if vocab_texts is not None:  # its bad input is refused before the prune's minutes
+        if reader_of(model) is not None:
+            raise UserError("trimming the vocabulary is not done layer by layer yet; load the model whole")
         from .vocab import vocab_rule
 
         rule = vocab_rule(tokenizer, vocab_texts, corpora, vocab_size)
-    record = pruned_record if pruned_record is not None else prune_model(
-        model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora, device=device)
+    with _staging(model, Path(out)) as staging:
+        record = pruned_record if pruned_record is not None else prune_model(
+            model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora,
+            device=device, staging=staging)
+        _finish_and_save(model, tokenizer, scores, corpus_names, out, record, force, vocab_texts, vocab_size,
+                         vocab_floor, vocab_held_out, corpora, rule, extra)
+    return record
+
+
+@contextmanager
+def _staging(model, out: Path):
+    """Where a lazy model's pruned layers wait until the expert is saved (beside `out`, so save_expert links
+    them in; removed after, whatever happens); None for a whole model."""
+    if reader_of(model) is None:
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.layers-tmp-", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish_and_save(model, tokenizer, scores, corpus_names, out, record, force, vocab_texts, vocab_size,
+                     vocab_floor, vocab_held_out, corpora, rule, extra) -> None:
     if vocab_texts is not None:
         from .vocab import DEFAULT_FLOOR, trim_vocab_for_corpora
 
@@ -203,4 +243,3 @@ def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: P
         record["scores"] = {"model_hash": scores.model_hash,
                             "corpora": {k: c.sha256 for k, c in scores.corpora.items()}}
     save_expert(model, tokenizer, out, record, force=force)
-    return record

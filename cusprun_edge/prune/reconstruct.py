@@ -31,7 +31,6 @@ import copy
 import math
 import time
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +39,8 @@ import torch
 from ..errors import UserError
 from ..measure.evaluate import nll_sum
 from ..model import arch
+from ..model.sequential import Stream, capture_stream, input_of, run_layer, visiting
+from ..model.shards import materialized
 from ..model.structure import keep_ffn_channels, keep_heads
 
 MODES = ("none", "sequential", "one-shot")
@@ -47,10 +48,6 @@ TARGETS = ("layer", "dense")
 # The ridge when there is nothing held apart to choose on (a tiny corpus), or the grid's centre otherwise.
 START_RIDGE = 1e-2
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward is not needed."""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -126,102 +123,6 @@ def obs_select(weight: torch.Tensor, gram: torch.Tensor, pool: torch.Tensor, n: 
     return torch.tensor(sorted(removed), dtype=torch.long)
 
 
-# --------------------------------------------------------------------------- activation streams
-
-
-@dataclass
-class Stream:
-    """Documents in batches at the input of some decoder layer: hidden states (CPU), token masks, ids, and
-    for every layer the keyword arguments the model passed it (masks, rotary tables; shared, not copied)."""
-
-    hidden: list[torch.Tensor]
-    masks: list[torch.Tensor]
-    ids: list[torch.Tensor]
-    layer_kwargs: list[list[dict]]  # [layer][batch]
-
-    @property
-    def n_tokens(self) -> int:
-        return int(sum(int(m.sum()) for m in self.masks))
-
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.hidden)
-
-
-@torch.no_grad()
-def capture_stream(model, tokenizer, texts: list[str], *, batch_size: int = 8, max_length: int = 512) -> Stream:
-    """Layer 0's input and every layer's keyword arguments for `texts`. The layers' forwards are swapped for
-    a recorder that returns its input, so this costs the embedding and the masks, not the layers."""
-    layers = arch.decoder_layers(model)
-    spec = arch.spec_for(model)
-    device = next(model.parameters()).device
-    stream = Stream([], [], [], [[] for _ in layers])
-
-    def recorder(i):
-        def forward(*args, **kwargs):
-            h = args[0] if args else kwargs.pop("hidden_states")
-            stream.layer_kwargs[i].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            if i == 0:
-                stream.hidden.append(h.detach().cpu())
-            return h
-        return forward
-
-    def stop(module, args):
-        raise _Stop
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)  # instance attribute, deleted below: the class forward returns
-    handle = arch.get(model, spec.final_norm).register_forward_pre_hook(stop)
-    try:
-        for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
-            stream.masks.append(enc["attention_mask"].bool())
-            stream.ids.append(enc["input_ids"])
-            try:
-                model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                      use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        for layer in layers:
-            del layer.forward
-    return stream
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _forward(layer, x, kwargs, device) -> torch.Tensor:
-    out = layer(x.to(device), **_to(kwargs, device))
-    return (out[0] if isinstance(out, tuple) else out).cpu()
-
-
-def _input_of(layer, module, x, kwargs, device) -> torch.Tensor:
-    """The input `module` (a projection inside `layer`) receives when `layer` runs on x ([B, T, F])."""
-    seen = []
-
-    def hook(mod, args):
-        seen.append(args[0])
-        raise _Stop
-
-    h = module.register_forward_pre_hook(hook)
-    try:
-        layer(x.to(device), **_to(kwargs, device))
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return seen[0]
-
-
 # --------------------------------------------------------------------------- one pass
 
 
@@ -263,8 +164,8 @@ def _accumulate(layer_idx, module_name, pairs, masks, keep, tag=""):
 def _pairs(src, tgt, xs, xts, kws, device):
     """Per batch: (input of the projection src = (layer, module) on xs, that of tgt on xts or None)."""
     for b, k in enumerate(kws):
-        a = _input_of(*src, xs[b], k, device)
-        yield a, (_input_of(*tgt, xts[b], k, device) if tgt is not None else None)
+        a = input_of(*src, xs[b], k, device)
+        yield a, (input_of(*tgt, xts[b], k, device) if tgt is not None else None)
 
 
 def _heldout_error(weight, w_new, gram_t, cross_t, keep) -> float:
@@ -312,81 +213,82 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
     peak, stats_bytes = 0, 0
     selected: dict[int, torch.Tensor] = {}
 
-    for i, layer in enumerate(layers):
-        work = copy.deepcopy(layer).to(device)  # becomes the pruned (refitted) layer
-        dense = copy.deepcopy(layer).to(device) if dense_path else None
-        parts = arch.layer_parts(work, spec)
-        n_q = parts.o.in_features // hd
-        prune_heads = len(plan.q_keep[i]) < n_q or len(plan.kv_keep[i]) < parts.k.out_features // hd
-        prune_ffn = plan.ffn_keep[i].numel() < parts.down.in_features
-        out: dict[str, torch.Tensor] = {}
-        for name, pruned, keep in (("o", prune_heads, _head_cols(plan.q_keep[i], hd)),
-                                   ("down", prune_ffn, plan.ffn_keep[i])):
-            new_w = None
-            if pruned and refit:
-                module = parts.o if name == "o" else parts.down
-                dparts = arch.layer_parts(dense, spec) if dense is not None else None
-                dmodule = (dparts.o if name == "o" else dparts.down) if dparts else None
-                src = (dense, dmodule) if mode == "one-shot" else (work, module)
-                tgt = (dense, dmodule) if mode == "sequential" and target == "dense" else None
-                xs = x_d if mode == "one-shot" else x_p
-                select = name == "down" and bool(ffn_pool)
-                width = module.in_features
-                stats = _accumulate(i, name, _pairs(src, tgt, xs, x_d, calib.layer_kwargs[i], device),
-                                    calib.masks, torch.arange(width) if select else keep)
-                if select:  # the full Gram chooses the removals; the solve then needs its kept columns only
-                    removed = obs_select(module.weight, stats[0].matrix, ffn_pool[i], width - len(keep))
-                    kept = torch.ones(width, dtype=torch.bool)
-                    kept[removed] = False
-                    keep = selected[i] = kept.nonzero().squeeze(1)
-                    for st in stats:
-                        if st is not None:
-                            st.matrix = st.matrix[:, keep.to(st.matrix.device)]
-                if cv:  # the same statistics on the held-apart documents, to choose the ridge
-                    xts = x_td if mode == "one-shot" else x_t
-                    stats += _accumulate(i, name, _pairs(src, tgt, xts, x_td, tune.layer_kwargs[i], device),
-                                         tune.masks, keep, tag="tune-")
-                peak = max(peak, len(_ALIVE))
-                stats_bytes = max(stats_bytes, sum(st.matrix.numel() * 8 for st in stats if st is not None))
-                if on_statistics:
-                    on_statistics(i, name)
-                gram, cross = stats[0].matrix, stats[1].matrix if stats[1] is not None else None
-                g_kk = gram[keep.to(gram.device)]
-                candidates = RIDGES if cv else (ridge,)
-                best = None
-                for r in candidates:
-                    w = _ridge_solve(module.weight, g_kk, gram if cross is None else cross, r)
-                    err = _heldout_error(module.weight, w, stats[2].matrix,
-                                         stats[3].matrix if stats[3] is not None else None, keep) if cv else 0.0
-                    if best is None or err < best[0]:
-                        best = (err, r, w)
-                _, ridges[f"{i}/{name}"], new_w = best
-                del stats, gram, cross, g_kk  # this projection's statistics are gone before the next ones exist
-            if name == "o" and pruned:
-                keep_heads(parts, plan.q_keep[i], plan.kv_keep[i], hd, spec)
-            elif name == "down" and pruned:
-                keep_ffn_channels(parts, keep, spec)
+    for i in range(len(layers)):
+        with materialized(model, i) as layer:  # a lazy model's layer is read here and dropped after
+            work = copy.deepcopy(layer).to(device)  # becomes the pruned (refitted) layer
+            dense = copy.deepcopy(layer).to(device) if dense_path else None
             parts = arch.layer_parts(work, spec)
-            if new_w is not None:
-                target_module = parts.o if name == "o" else parts.down
-                target_module.weight.copy_(new_w.to(target_module.weight.device))
-                out[name] = new_w.cpu()
-        if out:
-            weights[i] = out
-        if x_p is not None:
-            x_p = [_forward(work, x, k, device) for x, k in zip(x_p, calib.layer_kwargs[i])]
-        if x_d is not None:
-            x_d = [_forward(dense, x, k, device) for x, k in zip(x_d, calib.layer_kwargs[i])]
-        if x_t is not None:
-            x_t = [_forward(work, x, k, device) for x, k in zip(x_t, tune.layer_kwargs[i])]
-        if x_td is not None:
-            x_td = [_forward(dense, x, k, device) for x, k in zip(x_td, tune.layer_kwargs[i])]
-        del work, dense
-    tune_nll = _stream_nll(model, x_t, tune, device) if x_t is not None else None
+            n_q = parts.o.in_features // hd
+            prune_heads = len(plan.q_keep[i]) < n_q or len(plan.kv_keep[i]) < parts.k.out_features // hd
+            prune_ffn = plan.ffn_keep[i].numel() < parts.down.in_features
+            out: dict[str, torch.Tensor] = {}
+            for name, pruned, keep in (("o", prune_heads, _head_cols(plan.q_keep[i], hd)),
+                                       ("down", prune_ffn, plan.ffn_keep[i])):
+                new_w = None
+                if pruned and refit:
+                    module = parts.o if name == "o" else parts.down
+                    dparts = arch.layer_parts(dense, spec) if dense is not None else None
+                    dmodule = (dparts.o if name == "o" else dparts.down) if dparts else None
+                    src = (dense, dmodule) if mode == "one-shot" else (work, module)
+                    tgt = (dense, dmodule) if mode == "sequential" and target == "dense" else None
+                    xs = x_d if mode == "one-shot" else x_p
+                    select = name == "down" and bool(ffn_pool)
+                    width = module.in_features
+                    stats = _accumulate(i, name, _pairs(src, tgt, xs, x_d, calib.layer_kwargs[i], device),
+                                        calib.masks, torch.arange(width) if select else keep)
+                    if select:  # the full Gram chooses the removals; the solve then needs its kept columns only
+                        removed = obs_select(module.weight, stats[0].matrix, ffn_pool[i], width - len(keep))
+                        kept = torch.ones(width, dtype=torch.bool)
+                        kept[removed] = False
+                        keep = selected[i] = kept.nonzero().squeeze(1)
+                        for st in stats:
+                            if st is not None:
+                                st.matrix = st.matrix[:, keep.to(st.matrix.device)]
+                    if cv:  # the same statistics on the held-apart documents, to choose the ridge
+                        xts = x_td if mode == "one-shot" else x_t
+                        stats += _accumulate(i, name, _pairs(src, tgt, xts, x_td, tune.layer_kwargs[i], device),
+                                             tune.masks, keep, tag="tune-")
+                    peak = max(peak, len(_ALIVE))
+                    stats_bytes = max(stats_bytes, sum(st.matrix.numel() * 8 for st in stats if st is not None))
+                    if on_statistics:
+                        on_statistics(i, name)
+                    gram, cross = stats[0].matrix, stats[1].matrix if stats[1] is not None else None
+                    g_kk = gram[keep.to(gram.device)]
+                    candidates = RIDGES if cv else (ridge,)
+                    best = None
+                    for r in candidates:
+                        w = _ridge_solve(module.weight, g_kk, gram if cross is None else cross, r)
+                        err = _heldout_error(module.weight, w, stats[2].matrix,
+                                             stats[3].matrix if stats[3] is not None else None, keep) if cv else 0.0
+                        if best is None or err < best[0]:
+                            best = (err, r, w)
+                    _, ridges[f"{i}/{name}"], new_w = best
+                    del stats, gram, cross, g_kk  # this projection's statistics are gone before the next ones exist
+                if name == "o" and pruned:
+                    keep_heads(parts, plan.q_keep[i], plan.kv_keep[i], hd, spec)
+                elif name == "down" and pruned:
+                    keep_ffn_channels(parts, keep, spec)
+                parts = arch.layer_parts(work, spec)
+                if new_w is not None:
+                    target_module = parts.o if name == "o" else parts.down
+                    target_module.weight.copy_(new_w.to(target_module.weight.device))
+                    out[name] = new_w.cpu()
+            if out:
+                weights[i] = out
+            if x_p is not None:
+                x_p = [run_layer(work, x, k, device) for x, k in zip(x_p, calib.layer_kwargs[i])]
+            if x_d is not None:
+                x_d = [run_layer(dense, x, k, device) for x, k in zip(x_d, calib.layer_kwargs[i])]
+            if x_t is not None:
+                x_t = [run_layer(work, x, k, device) for x, k in zip(x_t, tune.layer_kwargs[i])]
+            if x_td is not None:
+                x_td = [run_layer(dense, x, k, device) for x, k in zip(x_td, tune.layer_kwargs[i])]
+            del work, dense
+    tune_nll = stream_nll(model, x_t, tune, device) if x_t is not None else None
     return PassResult(weights, tune_nll, time.time() - t0, peak, stats_bytes, ridges, selected)
 
 
-def _stream_nll(model, hidden: list[torch.Tensor], stream: Stream, device) -> float:
+def stream_nll(model, hidden: list[torch.Tensor], stream: Stream, device) -> float:
     """Mean next-token NLL of a stream at the last layer's output, through the model's final norm and head
     (on `device`, like the layers)."""
     spec = arch.spec_for(model)
@@ -401,22 +303,6 @@ def _stream_nll(model, hidden: list[torch.Tensor], stream: Stream, device) -> fl
             s, n = nll_sum(logits, ids, mask.long())
             nll, count = nll + s, count + n
     return nll / max(1, count)
-
-
-@contextmanager
-def visiting(module, device):
-    """`module` on `device` for the block and back where it lives after: with the model on the CPU and
-    --device cuda, one part of it at a time occupies the accelerator (a no-op when it is already there)."""
-    param = next(module.parameters(), None)
-    home = param.device if param is not None else None
-    move = home is not None and home != torch.device(device)
-    if move:
-        module.to(device)
-    try:
-        yield module
-    finally:
-        if move:
-            module.to(home)
 
 
 # --------------------------------------------------------------------------- choosing the ridge
@@ -516,10 +402,18 @@ def choose_and_refit(model, plan, tokenizer, calib_texts: list[str], tune_texts:
 @torch.no_grad()
 def load_refitted(model, weights: dict[int, dict[str, torch.Tensor]]) -> None:
     """Copy refitted projection weights into an already pruned model (same layer indices and shapes)."""
-    parts = arch.all_layer_parts(model)
+    spec = arch.spec_for(model)
+    layers = arch.decoder_layers(model)
     for i, mods in weights.items():
-        for name, w in mods.items():
-            lin = parts[i].o if name == "o" else parts[i].down
-            if lin.weight.shape != w.shape:
-                raise ValueError(f"layer {i} {name}: refitted weight {tuple(w.shape)} vs {tuple(lin.weight.shape)}")
-            lin.weight.copy_(w.to(lin.weight.device, lin.weight.dtype))
+        load_refitted_layer(layers[i], i, mods, spec)
+
+
+@torch.no_grad()
+def load_refitted_layer(layer, i: int, mods: dict[str, torch.Tensor], spec) -> None:
+    """Copy one pruned layer's refitted projections ({"o": W, "down": W}) into it."""
+    parts = arch.layer_parts(layer, spec)
+    for name, w in mods.items():
+        lin = parts.o if name == "o" else parts.down
+        if lin.weight.shape != w.shape:
+            raise ValueError(f"layer {i} {name}: refitted weight {tuple(w.shape)} vs {tuple(lin.weight.shape)}")
+        lin.weight.copy_(w.to(lin.weight.device, lin.weight.dtype))

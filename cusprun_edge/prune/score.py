@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from ..config.corpora import Corpus
 from ..errors import UserError
 from ..model import arch
+from ..model.sequential import capture_stream, run_layer
+from ..model.shards import materialized, tensor_of
 
 SCORE_VERSION = 1
 
@@ -38,7 +40,7 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256()
     h.update(model.config.model_type.encode())
     for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
+        flat = tensor_of(model, name, p).detach().reshape(-1)  # a lazy model's layers are read one tensor at a time
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
@@ -119,28 +121,37 @@ class ScoreSet:
 
 
 class _Collector:
-    """Forward hooks that accumulate the statistics of one batch into per-layer tensors."""
+    """Pre- and post-forward hooks on one decoder layer at a time that accumulate its statistics over the
+    batches of a sweep (model/sequential.py)."""
 
     def __init__(self, model, n_docs: int):
         self.spec = arch.spec_for(model)
-        self.parts = arch.all_layer_parts(model)
-        self.layers = arch.get(model, self.spec.layers)
         self.hd = arch.head_dim(model)
         self.mask: torch.Tensor | None = None  # [B, T] bool of real tokens, set per batch
         self.doc_offset = 0
         self.stats: dict[str, list[torch.Tensor]] = {}
         self.handles = []
-        with torch.no_grad():
-            self.down_norm = [p.down.weight.float().norm(dim=0) for p in self.parts]
-            # o_proj weight viewed per head: [hidden, H, hd]
-            self.o_heads = [p.o.weight.float().view(p.o.out_features, -1, self.hd) for p in self.parts]
-        for i, p in enumerate(self.parts):
+        for i, p in enumerate(arch.all_layer_parts(model)):  # shapes only: a lazy model's layers hold no data
             self._zeros(i, p, n_docs)
-            self.handles.append(p.down.register_forward_pre_hook(self._ffn_hook(i)))
-            self.handles.append(p.o.register_forward_pre_hook(self._attn_hook(i)))
-            self.handles.append(p.gate.register_forward_pre_hook(self._in_hook(i, "mlp_in_sq")))
-            self.handles.append(p.q.register_forward_pre_hook(self._in_hook(i, "attn_in_sq")))
-            self.handles.append(self.layers[i].register_forward_hook(self._block_hook(i), with_kwargs=True))
+
+    @torch.no_grad()
+    def attach(self, i: int, layer) -> None:
+        """Hook layer i (materialized) until `detach`."""
+        p = arch.layer_parts(layer, self.spec)
+        self.down_norm = p.down.weight.float().norm(dim=0)
+        self.o_heads = p.o.weight.float().view(p.o.out_features, -1, self.hd)  # per head: [hidden, H, hd]
+        self.handles = [
+            p.down.register_forward_pre_hook(self._ffn_hook(i)),
+            p.o.register_forward_pre_hook(self._attn_hook(i)),
+            p.gate.register_forward_pre_hook(self._in_hook(i, "mlp_in_sq")),
+            p.q.register_forward_pre_hook(self._in_hook(i, "attn_in_sq")),
+            layer.register_forward_hook(self._block_hook(i), with_kwargs=True),
+        ]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.down_norm, self.o_heads = [], None, None
 
     def _zeros(self, i, p, n_docs):
         C, HD, D = p.down.in_features, p.o.in_features, p.q.in_features
@@ -171,7 +182,7 @@ class _Collector:
         def hook(module, args):
             a = args[0].float()
             docs = slice(self.doc_offset, self.doc_offset + a.shape[0])
-            impact = a.abs() * self.down_norm[i].to(a.device)
+            impact = a.abs() * self.down_norm.to(a.device)
             self.stats["ffn_impact_doc"][i][docs] = self._per_doc_mean(impact).double().cpu()
             self.stats["ffn_impact_rms_doc"][i][docs] = self._per_doc_mean(impact * impact).sqrt().double().cpu()
             v = self._valid(a)
@@ -188,7 +199,7 @@ class _Collector:
             docs = slice(self.doc_offset, self.doc_offset + B)
             xh = x.view(B, T, -1, self.hd)
             # per-head contribution to the layer output: W_o[:, h] x_h, its norm per token
-            contrib = torch.einsum("bthd,ohd->btho", xh, self.o_heads[i].to(x.device)).norm(dim=-1)
+            contrib = torch.einsum("bthd,ohd->btho", xh, self.o_heads.to(x.device)).norm(dim=-1)
             self.stats["head_impact_doc"][i][docs] = self._per_doc_mean(contrib).double().cpu()
             self.stats["head_impact_rms_doc"][i][docs] = self._per_doc_mean(contrib * contrib).sqrt().double().cpu()
             v = self._valid(x)
@@ -214,35 +225,35 @@ class _Collector:
 
         return hook
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
 
 @torch.no_grad()
 def score_corpus(model, tokenizer, corpus: Corpus, *, batch_size: int = 8, max_length: int = 512,
                  progress=None) -> CorpusScores:
+    """One sweep of the corpus's calibration documents through the layers (model/sequential.py), one layer
+    in memory at a time for a lazy model. `progress(n)` hears each layer done."""
     docs = corpus.calib
     if not docs:
         raise UserError(f"corpus {corpus.name} is empty")
-    device = next(model.parameters()).device
+    stream = capture_stream(model, tokenizer, docs, batch_size=batch_size, max_length=max_length)
     col = _Collector(model, len(docs))
-    n_tokens = 0
-    try:
-        for start in range(0, len(docs), batch_size):
-            batch = docs[start:start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            col.mask = enc["attention_mask"].bool().to(device)
-            col.doc_offset = start
-            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                  use_cache=False)
-            n_tokens += int(col.mask.sum())
-            if progress:
-                progress(len(batch))
-    finally:
-        col.remove()
+    xs, stream.hidden = stream.hidden, []  # the stream moves on layer by layer; its start is not kept
+    offsets = [sum(len(m) for m in stream.masks[:b]) for b in range(len(stream.masks))]
+    device = arch.get(model, arch.spec_for(model).embed).weight.device
+    for i in range(len(arch.decoder_layers(model))):
+        with materialized(model, i) as layer:
+            col.attach(i, layer)
+            try:
+                out = []
+                for b, (x, kwargs) in enumerate(zip(xs, stream.layer_kwargs[i])):
+                    col.mask, col.doc_offset = stream.masks[b].to(device), offsets[b]
+                    out.append(run_layer(layer, x, kwargs, device))
+                xs = out
+            finally:
+                col.detach()
+        if progress:
+            progress(1)
     tensors = {k: [t.float() for t in v] for k, v in col.stats.items()}
-    return CorpusScores(corpus.name, corpus.sha256(), len(docs), n_tokens, tensors)
+    return CorpusScores(corpus.name, corpus.sha256(), len(docs), stream.n_tokens, tensors)
 
 
 def score_model(model, tokenizer, corpora: dict[str, Corpus], *, batch_size: int = 8, max_length: int = 512,
@@ -252,9 +263,9 @@ def score_model(model, tokenizer, corpora: dict[str, Corpus], *, batch_size: int
 
     t0 = time.time()
     out = {}
-    total = sum(len(c.calib) for c in corpora.values())
+    total = len(corpora) * len(arch.decoder_layers(model))
     with Progress(disable=not show_progress, transient=True) as bar:
-        task = bar.add_task("scoring", total=total)
+        task = bar.add_task("scoring", total=total)  # layers done, over every corpus
         for key, corpus in corpora.items():
             bar.update(task, description=f"scoring {corpus.name}")
             out[key] = score_corpus(model, tokenizer, corpus, batch_size=batch_size, max_length=max_length,

@@ -238,7 +238,8 @@ def collect(build_dir, compare=()) -> dict:
         "vocab": prune.get("vocab"),
         "weights_read": _weights_read(build["root"]),
         "quality_vs_ratio": points,
-        "stages": {name: {"seconds": rec.get("seconds")} for name, rec in build["stages"].items()},
+        "stages": {name: {k: rec.get(k) for k in ("seconds", "peak_rss_mb", "peak_rss_scope")}
+                   for name, rec in build["stages"].items()},
         "generations": build["generations"],
         "baseline": _baseline_side(build),
         "gguf": build["gguf"],

@@ -14,6 +14,20 @@ def rate(result: dict) -> str:
 
 
 
+def stages_table(data: dict):
+    """Each stage's wall time and peak resident memory, as the build recorded them (a stage skipped as
+    unchanged shows the run that made it)."""
+    rows = [[name, f"{rec['seconds']:.1f}" if rec.get("seconds") is not None else "-",
+             f"{rec['peak_rss_mb'] / 1024:.2f}" if rec.get("peak_rss_mb") is not None else "-"]
+            for name, rec in (data.get("stages") or {}).items()]
+    if not rows:
+        return None
+    scope = {rec.get("peak_rss_scope") for rec in data["stages"].values()} - {None}
+    title = "Stages: time and peak memory" + (" (peak of the process so far, not per stage, on this platform)"
+                                               if "process" in scope else "")
+    return title, ["stage", "seconds", "peak resident memory (GB)"], rows
+
+
 def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table of the report (markdown and HTML alike)."""
     d, e = data["dense"], data["expert"]
@@ -45,7 +59,8 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[fmt_ratio(ret.get("top1_agreement")), fmt(ret.get("kl"))]]))
 
     for extra in (_baseline_table(data), _checks_table(data), three_way_table(data.get("three_way")),
-                  search_table(data), _vocab_table(data), llama_cpp_table(data), _speed_limit_table(data)):
+                  search_table(data), _vocab_table(data), llama_cpp_table(data), _speed_limit_table(data),
+                  stages_table(data)):
         if extra:
             out.append(extra)
 

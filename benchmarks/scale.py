@@ -1,0 +1,122 @@
+"""`python -m benchmarks scale [--models llama-3.2-1b,llama-3.1-8b] [--commands score,score-whole] [--docs N]`:
+peak resident memory and wall time of each command on stand-ins with real models' shapes (random bf16 weights
+written shard by shard by ../shared/tools/standin.py; no hub here), into results/scale.json and RESULTS.md.
+
+Random weights say nothing about quality: these rows measure memory and time only. Each command runs in its own
+process under /usr/bin/time, so its peak is its own. "score" is the CLI (one decoder layer read from disk at a
+time); "score-whole" loads the whole model first, as scoring did before the layer loop, for comparison.
+The expert is `--docs` documents of the built-in general domain (a user corpus), so the time is stated per
+calibration token; the stage's memory barely depends on it (the activations carried between layers do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import RESULTS, machine, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+STANDIN = REPO.parent / "shared" / "tools" / "standin.py"
+WORK = Path(os.environ.get("CUSPRUN_SCALE_WORK", REPO / "benchmarks" / "work" / "scale"))
+MODELS = ("llama-3.2-1b", "llama-3.1-8b")
+COMMANDS = ("score", "score-whole")
+
+# standin.py imports the loader under its name before the layout move (cusprun_edge.models)
+_STANDIN_SHIM = ("import runpy, sys; import cusprun_edge.model.load as m; sys.modules['cusprun_edge.models'] = m; "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+_WHOLE = ("import sys; from cusprun_edge.model.load import load_model; from cusprun_edge.config.corpora import "
+          "ExpertSpec; from cusprun_edge.prune.score import score_model; m, t = load_model(sys.argv[1]); "
+          "score_model(m, t, ExpertSpec.parse(sys.argv[2]).corpora(), show_progress=False).save(sys.argv[3])")
+
+
+def standin(name: str) -> Path:
+    out = WORK / "standins" / name
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    if not STANDIN.is_file():
+        sys.exit(f"{STANDIN} is not here: the stand-ins are written by the shared tool standin.py")
+    subprocess.run([sys.executable, "-c", _STANDIN_SHIM, str(STANDIN), name, str(out)], check=True)
+    return out
+
+
+def corpus(n_docs: int) -> Path:
+    from cusprun_edge.config.corpora import builtin_corpus
+
+    path = WORK / f"general-{n_docs}.jsonl"
+    docs = builtin_corpus("domain", "general").calib[:n_docs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def timed(argv: list[str]) -> dict:
+    """Run argv under /usr/bin/time: its own peak resident memory and wall time."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "@@ %M %e", *argv], capture_output=True, text=True)
+    match = re.search(r"@@ (\d+) ([\d.]+)", proc.stderr)
+    if proc.returncode != 0 or not match:
+        raise SystemExit(f"{' '.join(argv[:3])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return {"peak_rss_gb": round(int(match.group(1)) / 2**20, 2), "seconds": round(float(match.group(2)), 1)}
+
+
+def run(models: list[str], commands: list[str], n_docs: int) -> Path:
+    from safetensors import safe_open
+
+    path = RESULTS / "scale.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    rows = [r for r in previous.get("rows", []) if (r["model"], r["command"]) not in
+            {(m, c) for m in models for c in commands}]
+    docs = corpus(n_docs)
+    expert = f"domain={docs}"
+    cli = str(Path(sys.executable).with_name("cusprun-edge"))
+    for name in models:
+        model = standin(name)
+        index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+        params = 0
+        for file in sorted(set(index.values())):
+            with safe_open(str(model / file), "pt") as f:
+                params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        for command in commands:
+            out = WORK / f"{name}-{command}.safetensors"
+            argv = ([cli, "score", "--model", str(model), "--expert", expert, "--out", str(out), "--force"]
+                    if command == "score" else [sys.executable, "-c", _WHOLE, str(model), expert, str(out)])
+            print(f"{name}: {command} ...", flush=True)
+            row = {"model": name, "command": command, "params_b": round(params / 1e9, 2),
+                   "bf16_gb_on_disk": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**30, 2),
+                   **timed(argv), "docs": n_docs}
+            from cusprun_edge.prune.score import ScoreSet
+
+            scores = ScoreSet.load(out)
+            row["tokens"] = sum(c.n_tokens for c in scores.corpora.values())
+            print(f"  {row}", flush=True)
+            rows.append(row)
+            write_json("scale.json", {"machine": machine(), "rows": rows})
+    from .results_md import write_results_md
+
+    write_results_md()
+    return path
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks scale")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS) + ", qwen2.5-1.5b")
+    p.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
+    p.add_argument("--docs", type=int, default=16, help="calibration documents of the general domain")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    path = run([m for m in a.models.split(",") if m], [c for c in a.commands.split(",") if c], a.docs)
+    print(f"{path} in {time.time() - t0:.0f} s")

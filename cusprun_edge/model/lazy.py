@@ -1,0 +1,92 @@
+"""A model whose decoder layers stay on disk until a sweep needs one (issue: 1B-8B models on one host).
+
+`lazy_model(source)` builds the architecture with its parameters on the meta device (no memory), then loads
+what every token passes through whatever the layer (the embedding, the final norm, the output head) in
+float32. Each decoder layer is read from the safetensors shards, in float32, only inside
+`with materialized(model, i):` and dropped after it, so a sweep over the layers (model/sequential.py) holds one
+layer's weights at a time: a 16 GB bf16 8B model is scored in about the size of its embedding, its head, one
+layer and the calibration activations.
+
+An eager model (load.load_model) goes through the same sweeps unchanged: `materialized` is a no-op on it.
+Sources: a Hugging Face directory with safetensors weights, or an embedded model or a .gguf (through the
+converted cache, which is safetensors). An expert directory (per-layer widths) loads eagerly: it is already
+the smaller model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from . import arch
+from .shards import READER_ATTR, ShardReader
+
+
+def _source_dir(source: str) -> Path | None:
+    """The safetensors directory behind `source`, or None when it loads only eagerly (an expert, a hub id)."""
+    from .load import EMBEDDED, convert_gguf, resolve_source
+
+    kind, where = resolve_source(str(source))
+    if kind == "embedded":
+        return convert_gguf(EMBEDDED[where].locate())
+    if kind == "gguf":
+        return convert_gguf(where)
+    if kind == "hf-dir" and any(Path(where).glob("*.safetensors")):
+        return Path(where)
+    return None  # pickle weights (checked by load_model), an expert, a hub id
+
+
+def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) with the decoder layers left on disk (see the module's docstring). A source that
+    cannot be read lazily loads eagerly (load.load_model), which every sweep also accepts."""
+    from .expert_io import quiet_transformers
+    from .load import load_model
+
+    directory = _source_dir(source)
+    if directory is None or trust_remote_code:
+        return load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .load import check_hf_dir, first_line
+
+    quiet_transformers()
+    check_hf_dir(directory, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        arch.spec_for_model_type(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with init_empty_weights():  # parameters on meta; buffers (the rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        reader = ShardReader(directory)
+        expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        if any(expected.get(name, shape) != shape for name, shape in reader.shapes().items()):
+            raise UserError(f"could not load {directory}: the weights' shapes do not match config.json "
+                            "(a changed hidden_size or intermediate_size?)")
+        prefix = arch.spec_for(model).layers + "."
+        resident = {name: reader.tensor(name) for name in reader.names() if not name.startswith(prefix)}
+    except UserError:
+        raise
+    except Exception as exc:  # a truncated shard, a config transformers cannot build: one line
+        raise UserError(f"could not load {directory}: {first_line(exc)}") from None
+    setattr(model, READER_ATTR, reader)
+    missing = [n for n in _keys(model) if not n.startswith(prefix) and n not in resident]
+    if missing == [arch.spec_for(model).lm_head + ".weight"] and config.tie_word_embeddings:
+        missing = []  # tied: the head is the embedding, tied below
+    if missing:
+        raise UserError(f"the weights at {directory} lack {', '.join(missing[:3])}; is the model directory complete?")
+    model.load_state_dict(resident, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _keys(model) -> list[str]:
+    return list(model.state_dict().keys())
+
+

@@ -1,0 +1,111 @@
+"""Weights read one tensor, or one decoder layer, at a time from a model's safetensors shards.
+
+A lazy model (lazy.py builds one) keeps its decoder layers on the meta device and a `ShardReader` beside them;
+`materialized(model, i)` gives layer i its float32 weights for the length of a block. The pruning stages walk
+the layers through it (model/sequential.py), so they run unchanged on a whole model, where it does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from . import arch
+
+READER_ATTR = "_cusprun_lazy_reader"  # the attribute a lazy model carries its reader in
+
+
+class ShardReader:
+    """Reads single tensors, in float32, from a directory's safetensors shards (one file or an index)."""
+
+    def __init__(self, directory: Path):
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"{directory} has no weights (*.safetensors); pass a complete model directory")
+            from safetensors import safe_open
+
+            self.files = {}
+            for file in files:
+                with safe_open(str(file), "pt") as f:
+                    self.files.update({name: file for name in f.keys()})
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def stage_layer(self, prefix: str, layer, file: Path) -> None:
+        """Write an edited (pruned) layer's tensors, float32, named `prefix` + their names in the layer, into
+        `file`, and read them from there from now on."""
+        from safetensors.torch import save_file
+
+        state = {prefix + k: v.detach().to(torch.float32).contiguous() for k, v in layer.state_dict().items()}
+        for name in [n for n in self.files if n.startswith(prefix)]:
+            del self.files[name]  # a tensor the edit removed is gone
+        save_file(state, str(file), metadata={"format": "pt"})
+        self.files.update({name: Path(file) for name in state})
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (nothing is read)."""
+        from safetensors import safe_open
+
+        out = {}
+        for file in sorted(set(self.files.values())):
+            with safe_open(str(file), "pt") as f:
+                out.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys() if name in self.files})
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor in float32 (the file is opened for the read only: nothing of it stays mapped)."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise UserError(f"the weights have no tensor {name}; is the model directory complete?")
+        with safe_open(str(self.files[name]), "pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+
+def is_lazy(model) -> bool:
+    return getattr(model, READER_ATTR, None) is not None
+
+
+def reader_of(model) -> ShardReader | None:
+    return getattr(model, READER_ATTR, None)
+
+
+@contextmanager
+def materialized(model, i: int):
+    """Decoder layer i of a lazy model holds its float32 weights inside the block and none after it (a no-op
+    on an eager model). Yields the layer."""
+    layer = arch.decoder_layers(model)[i]
+    reader = reader_of(model)
+    if reader is None:
+        yield layer
+        return
+    prefix = f"{arch.spec_for(model).layers}.{i}."
+    state = {name[len(prefix):]: reader.tensor(name) for name in reader.names() if name.startswith(prefix)}
+    layer.load_state_dict(state, strict=True, assign=True)
+    del state
+    try:
+        yield layer
+    finally:
+        layer.to("meta")
+
+
+def tensor_of(model, name: str, value: torch.Tensor) -> torch.Tensor:
+    """The float32 value of the state-dict entry `name` (`value` as the model holds it): read from disk when
+    a lazy model holds it on the meta device."""
+    if value.device.type != "meta":
+        return value
+    reader = reader_of(model)
+    if reader is None:
+        raise ValueError(f"{name} has no data (meta device) and the model reads nothing lazily")
+    return reader.tensor(name)
