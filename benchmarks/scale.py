@@ -4,7 +4,8 @@ written shard by shard by ../shared/tools/standin.py; no hub here), into results
 
 Random weights say nothing about quality: these rows measure memory and time only. Each command runs in its own
 process under /usr/bin/time, so its peak is its own. "score" is the CLI (one decoder layer read from disk at a
-time); "score-whole" loads the whole model first, as scoring did before the layer loop, for comparison.
+time); "score-whole" loads the whole model first, as scoring did before the layer loop, for comparison;
+"prune" is the CLI's default recipe at 25% (damage probes, refit, edits, one layer at a time).
 The expert is `--docs` documents of the built-in general domain (a user corpus), so the time is stated per
 calibration token; the stage's memory barely depends on it (the activations carried between layers do).
 """
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO.parent / "shared" / "tools" / "standin.py"
 WORK = Path(os.environ.get("CUSPRUN_SCALE_WORK", REPO / "benchmarks" / "work" / "scale"))
 MODELS = ("llama-3.2-1b", "llama-3.1-8b")
-COMMANDS = ("score", "score-whole")
+COMMANDS = ("score", "score-whole", "prune")
 
 # standin.py imports the loader under its name before the layout move (cusprun_edge.models)
 _STANDIN_SHIM = ("import runpy, sys; import cusprun_edge.model.load as m; sys.modules['cusprun_edge.models'] = m; "
@@ -66,7 +67,7 @@ def timed(argv: list[str]) -> dict:
     return {"peak_rss_gb": round(int(match.group(1)) / 2**20, 2), "seconds": round(float(match.group(2)), 1)}
 
 
-def run(models: list[str], commands: list[str], n_docs: int) -> Path:
+def run(models: list[str], commands: list[str], n_docs: int, options: list[str] = ()) -> Path:
     from safetensors import safe_open
 
     path = RESULTS / "scale.json"
@@ -83,18 +84,23 @@ def run(models: list[str], commands: list[str], n_docs: int) -> Path:
         for file in sorted(set(index.values())):
             with safe_open(str(model / file), "pt") as f:
                 params += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        scores = WORK / f"{name}-score.safetensors"
         for command in commands:
-            out = WORK / f"{name}-{command}.safetensors"
-            argv = ([cli, "score", "--model", str(model), "--expert", expert, "--out", str(out), "--force"]
-                    if command == "score" else [sys.executable, "-c", _WHOLE, str(model), expert, str(out)])
+            if command == "score":
+                argv = [cli, "score", "--model", str(model), "--expert", expert, "--out", str(scores), "--force"]
+            elif command == "score-whole":
+                argv = [sys.executable, "-c", _WHOLE, str(model), expert, str(WORK / f"{name}-score-whole.st")]
+            else:  # the default recipe (damage probes, refit) at 25%, on the scores of the "score" row
+                argv = [cli, "prune", "--model", str(model), "--expert", expert, "--scores", str(scores),
+                        "--ratio", "0.25", "--out", str(WORK / f"{name}-expert"), "--force",
+                        *[x for o in options for x in ("--option", o)]]
             print(f"{name}: {command} ...", flush=True)
             row = {"model": name, "command": command, "params_b": round(params / 1e9, 2),
                    "bf16_gb_on_disk": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**30, 2),
-                   **timed(argv), "docs": n_docs}
+                   **timed(argv), "docs": n_docs, **({"options": options} if command == "prune" and options else {})}
             from cusprun_edge.prune.score import ScoreSet
 
-            scores = ScoreSet.load(out)
-            row["tokens"] = sum(c.n_tokens for c in scores.corpora.values())
+            row["tokens"] = sum(c.n_tokens for c in ScoreSet.load(scores).corpora.values())
             print(f"  {row}", flush=True)
             rows.append(row)
             write_json("scale.json", {"machine": machine(), "rows": rows})
@@ -116,7 +122,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS) + ", qwen2.5-1.5b")
     p.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated: " + ", ".join(COMMANDS))
     p.add_argument("--docs", type=int, default=16, help="calibration documents of the general domain")
+    p.add_argument("--prune-option", action="append", default=[], help="KEY=VALUE for the prune's recipe "
+                   "(e.g. ridge=0.01: one ridge instead of choosing among five, a fifth of the refit's solves)")
     a = p.parse_args(argv)
     t0 = time.time()
-    path = run([m for m in a.models.split(",") if m], [c for c in a.commands.split(",") if c], a.docs)
+    path = run([m for m in a.models.split(",") if m], [c for c in a.commands.split(",") if c], a.docs,
+               a.prune_option)
     print(f"{path} in {time.time() - t0:.0f} s")

@@ -118,7 +118,8 @@ def test_damage_probes_and_refit_of_a_lazy_model_equal_the_eager_ones(family, tm
     # ridge given: the refit is kept whatever the held-apart documents say, so there are weights to compare
     refits = [choose_and_refit(m, plans[0], tok, TEXT[:40], TEXT[40:55], ridge=1e-2) for m in (eager, lazy)]
     assert [t["tune_ppl"] for t in refits[0].tried] == [t["tune_ppl"] for t in refits[1].tried]
-    assert refits[0].weights.keys() == refits[1].weights.keys() and refits[0].weights
+    assert sorted(refits[0].weights.keys()) == sorted(refits[1].weights.keys()) and len(refits[0].weights)
+    assert type(refits[1].weights).__name__ == "OffloadedLayers"  # a lazy model's wait on disk
     for i, mods in refits[0].weights.items():
         for name, w in mods.items():
             assert torch.equal(w, refits[1].weights[i][name]), (i, name)

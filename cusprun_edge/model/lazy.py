@@ -90,3 +90,38 @@ def _keys(model) -> list[str]:
     return list(model.state_dict().keys())
 
 
+
+
+def model_shape(source: str, *, trust_remote_code: bool = False) -> dict:
+    """Parameter counts of `source` from its config alone (the architecture built on the meta device: no
+    weights read): total, embedding, output head (0 when tied), the largest decoder layer, hidden size, the
+    largest FFN width and the number of layers. For estimating memory before anything loads."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .expert_io import quiet_transformers
+    from .load import load_model
+
+    directory = _source_dir(source)
+    quiet_transformers()
+    if directory is None:  # an expert or a hub id: its config as load_model reads it, on the meta device
+        model, _ = load_model(source, trust_remote_code=trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(directory)
+        arch.spec_for_model_type(config.model_type)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    spec = arch.spec_for(model)
+    layers = arch.decoder_layers(model)
+    embed = arch.get(model, spec.embed).weight
+    head = arch.get(model, spec.lm_head).weight
+    parts = arch.all_layer_parts(model)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "embedding": embed.numel(),
+        "head": 0 if head is embed else head.numel(),
+        "layer": max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        "hidden": model.config.hidden_size,
+        "ffn": max(p.down.in_features for p in parts),
+        "layers": len(layers),
+    }

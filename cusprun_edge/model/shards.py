@@ -109,3 +109,48 @@ def tensor_of(model, name: str, value: torch.Tensor) -> torch.Tensor:
     if reader is None:
         raise ValueError(f"{name} has no data (meta device) and the model reads nothing lazily")
     return reader.tensor(name)
+
+
+class OffloadedLayers:
+    """layer index -> {name: tensor}, kept on disk (one safetensors file per layer in a temporary directory,
+    removed with this object): per-layer results of a sweep over a model too large to hold them all, e.g. the
+    refitted projections of every layer of an 8B model (7 GB in float32) until the expert is written."""
+
+    def __init__(self):
+        import tempfile
+        import weakref
+
+        self.directory = Path(tempfile.mkdtemp(prefix="cusprun-layers-"))
+        self._keys: list[int] = []
+        import shutil
+
+        weakref.finalize(self, shutil.rmtree, str(self.directory), True)
+
+    def __setitem__(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.directory / f"{i:05d}.safetensors"))
+        if i not in self._keys:
+            self._keys.append(i)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        if i not in self._keys:
+            raise KeyError(i)
+        return load_file(str(self.directory / f"{i:05d}.safetensors"))
+
+    def __contains__(self, i) -> bool:
+        return i in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self):
+        return iter(list(self._keys))
+
+    def keys(self):
+        return list(self._keys)
+
+    def items(self):
+        return ((i, self[i]) for i in list(self._keys))

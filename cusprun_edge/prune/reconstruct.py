@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..measure.evaluate import nll_sum
 from ..model import arch
 from ..model.sequential import Stream, capture_stream, input_of, run_layer, visiting
-from ..model.shards import materialized
+from ..model.shards import OffloadedLayers, is_lazy, materialized
 from ..model.structure import keep_ffn_channels, keep_heads
 
 MODES = ("none", "sequential", "one-shot")
@@ -208,7 +208,8 @@ def run_pass(model, plan, calib: Stream | None, tune: Stream | None, *, mode: st
     x_d = list(calib.hidden) if dense_path else None
     x_t = list(tune.hidden) if tune is not None else None
     x_td = list(tune.hidden) if cv and dense_path else None
-    weights: dict[int, dict[str, torch.Tensor]] = {}
+    # a lazy model's refitted projections wait on disk: all layers' would be most of an 8B model's o/down
+    weights = OffloadedLayers() if is_lazy(model) else {}
     ridges: dict[str, float] = {}
     peak, stats_bytes = 0, 0
     selected: dict[int, torch.Tensor] = {}
