@@ -319,6 +319,8 @@ def build(
                                  help="Show the libraries' own log output (else it goes to OUT/build.log)."),
     fmt: list[str] = typer.Option(["onnx"], "--format", help="gguf: also write the expert as a GGUF for llama.cpp "
                                   "and check it there (stage gguf, after the ONNX stages the report reads)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="e.g. 8GB: refuse, before it starts, a build "
+                                             "whose estimated peak memory in some stage is over it."),
 ):
     """Run load, score, prune, export, validate, bench, generate and report; finished stages are skipped."""
     from . import outputs
@@ -333,10 +335,10 @@ def build(
              "precision": precision, "quant_plan": quant_plan, "method_options": _options(option), "threads": threads,
              "quick_bench": quick_bench, "prompts": prompt, "prune_vocab": prune_vocab,
              "max_ppl_ratio": max_ppl_ratio, "beat_baseline": beat_baseline, "baseline": baseline,
-             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle,
+             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "max_memory": max_memory,
              "formats": sorted({f.strip() for item in fmt for f in item.split(",") if f.strip()} | {"onnx"},
                                key=lambda f: f != "onnx")}
-    params = {"method_options": "option", "prompts": "prompt", "formats": "fmt"}
+    params = {"method_options": "option", "prompts": "prompt", "formats": "fmt"}  # field -> CLI parameter
     if recipe is not None:  # the recipe, then what the command line says
         base = BuildConfig.from_recipe(recipe).as_dict()
         # (by the source's name: typer may carry its own click, whose enum is not click's)

@@ -190,6 +190,8 @@ CASES = {
     "--vocab-size without --prune-vocab": (["prune", "--model", M, "--expert", C, "--method", "magnitude",
                                             "--vocab-size", "5", "--out", "{ws}/e2"], "--prune-vocab"),
     "build --threads 0": ([*BUILD, "--threads", "0", "--out", "{ws}/b"], "--threads"),
+    "build --max-memory 8 parsecs": ([*BUILD, "--max-memory", "8 parsecs", "--out", "{ws}/b"], "not a memory size"),
+    "build --max-memory too small": ([*BUILD, "--max-memory", "64MB", "--out", "{ws}/b"], "needs about"),
     # 9: nothing measured is a failure
     "bench on a garbage graph": (["bench", "--artifact", "{ws}/ART-garbage", "--quick", "--out", "{ws}/b.json"],
                                  "benchmark failed"),

@@ -100,11 +100,12 @@ def model_shape(source: str, *, trust_remote_code: bool = False) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .expert_io import quiet_transformers
-    from .load import load_model
+    from .load import load_model, resolve_source
 
-    directory = _source_dir(source)
+    kind, where = resolve_source(str(source))
+    directory = Path(where) if kind == "hf-dir" else _source_dir(source)  # a config is enough
     quiet_transformers()
-    if directory is None:  # an expert or a hub id: its config as load_model reads it, on the meta device
+    if directory is None:  # an expert or a hub id: loaded as load_model loads it
         model, _ = load_model(source, trust_remote_code=trust_remote_code)
     else:
         config = AutoConfig.from_pretrained(directory)

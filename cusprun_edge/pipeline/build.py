@@ -97,6 +97,10 @@ def build(config: BuildConfig, out: Path, *, on_stage=None, progress: Progress |
     from ..library_logs import captured
 
     out = Path(out).expanduser().resolve()  # stages hand paths to worker processes with their own working directory
+    if config.max_memory is not None:  # refused before any directory appears (memory_plan.py)
+        from .memory_plan import check_memory
+
+        check_memory(config, config.max_memory)
     with outputs.BuildLock(out, inputs) as lock:
         ours = [name for name in ("build.json", RECIPE_FILE, LOG_FILE, TMP_DIR) if not (out / name).exists()]
         _clear_leftovers(out)

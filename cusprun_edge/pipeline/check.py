@@ -36,6 +36,13 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     unknown = set(cfg.formats) - set(FORMATS)
     if unknown or "onnx" not in cfg.formats:
         raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(unknown) or cfg.formats)}'")
+    if cfg.max_memory is not None:
+        from ..measure.memory import parse_size
+
+        try:
+            parse_size(cfg.max_memory)
+        except ValueError as exc:
+            raise UserError(f"--max-memory: {exc}") from None
     if "gguf" in build_formats(cfg, profile):
         from ..export.gguf import check_source_supported
 

@@ -43,6 +43,7 @@ class BuildConfig:
     beat_baseline: bool = False  # search the largest ratio whose int4 is no worse than the GenAI builder's dense
     baseline: bool = True  # measure the GenAI builder's int4 of the dense model beside ours (measure/baseline.py)
     formats: tuple[str, ...] = ("onnx",)  # "gguf" adds the gguf stage; the target profile may add it too
+    max_memory: str | None = None  # "8GB": refuse, before it starts, a build whose estimated peak is over it
 
     def __post_init__(self):  # lists from JSON or TOML become tuples: the config is a value
         object.__setattr__(self, "prompts", tuple(self.prompts))

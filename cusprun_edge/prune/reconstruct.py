@@ -96,7 +96,9 @@ def _ridge_solve(weight: torch.Tensor, g_kk: torch.Tensor, c_k: torch.Tensor, ri
 def _with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     """G + ridge * mean(diag G) I: the ridge is relative to the inputs' mean energy."""
     scale = float(gram.diagonal().mean()) or 1.0
-    return gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    out = gram.clone()  # one copy, no identity matrix: for an 8B model's FFN these are GBs each
+    out.diagonal().add_(ridge * scale)
+    return out
 
 
 def obs_select(weight: torch.Tensor, gram: torch.Tensor, pool: torch.Tensor, n: int,

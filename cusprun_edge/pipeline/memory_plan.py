@@ -1,0 +1,69 @@
+"""`build --max-memory`: each stage's peak resident memory estimated from the model's shapes before anything
+loads, and a build whose estimate does not fit refused at the start (one line, exit 2), instead of dying of
+out-of-memory an hour in.
+
+The estimates add up what each stage holds, float32 unless said (P: all parameters, R: the embedding and an untied
+head, Y: the largest decoder layer, F: the widest FFN, K: the FFN channels a layer keeps):
+- every stage: the process itself (Python, torch, transformers, ONNX Runtime), BASE;
+- load and score, one layer at a time: R and the layer three times (its stored form, float32, the forward's
+  intermediates);
+- prune, one layer at a time: the same, the layer's two copies (the refit's work copy, a damage probe's), and
+  the refit's float64 statistics of the widest FFN input (F x K, for the calibration and the held-apart
+  documents) with the K x K systems of its ridge solves (three at a time);
+- a stage that holds the whole model (a ratio search or vocabulary trimming in prune, export, validate, bench,
+  generate): WHOLE_FACTOR x P.
+The constants were fitted to measured peaks (benchmarks/results/scale.json: the Llama-3.2-1B stand-in scored in
+1.82 GB and pruned in 4.67 GB, one layer at a time, 2026-12-06), so these are estimates, not bounds; the build
+records every stage's real peak beside them.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+from ..measure.memory import format_size, parse_size
+from .config import BuildConfig
+
+GB = 2**30
+BASE = 0.5 * GB
+# a stage that holds the whole float32 model: export holds it, its traced graph and the ONNX copy; validate the
+# dense and the expert models
+WHOLE_FACTOR = 3.0
+
+
+def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, int]:
+    """Stage -> estimated peak bytes for this build (see the module's docstring)."""
+    r = 4 * (shape["embedding"] + shape["head"])
+    y = 4 * shape["layer"]
+    f = shape["ffn"]
+    k = int(f * (1 - cfg.ratio))
+    streamed = BASE + r + 3 * y
+    whole = BASE + WHOLE_FACTOR * 4 * shape["params"]
+    refit = 2 * f * k * 8 + 3 * k * k * 8
+    out = {"load": streamed, "score": streamed,
+           "prune": streamed + 2 * y + refit if layerwise_prune else whole + refit}
+    for stage in ("export", "validate", "bench", "generate"):
+        out[stage] = whole
+    return {name: int(v) for name, v in out.items()}
+
+
+def check_memory(cfg: BuildConfig, limit: str) -> dict:
+    """Refuse (UserError) a build whose estimated peak in some stage is over `limit` ('8GB'); returns the
+    estimates, in GB, for the build's record."""
+    from ..model.lazy import model_shape
+    from ..prune.pruner import prunes_layer_by_layer
+
+    try:
+        budget = parse_size(limit)
+    except ValueError as exc:
+        raise UserError(f"--max-memory: {exc}") from None
+    searching = cfg.max_ppl_ratio is not None or cfg.beat_baseline
+    layerwise = not searching and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
+    peaks = estimate(cfg, model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), layerwise)
+    over = [(name, b) for name, b in peaks.items() if b > budget]
+    if over:
+        name, need = max(over, key=lambda item: item[1])
+        hint = ("; score and prune run one layer at a time, export and validate still hold the whole model"
+                if name in ("export", "validate", "bench", "generate") else "")
+        raise UserError(f"--max-memory {limit}: the {name} stage needs about {format_size(need)} for {cfg.model} "
+                        f"(estimated from its shapes){hint}; allow more memory or choose a smaller model")
+    return {name: round(b / GB, 2) for name, b in peaks.items()}
