@@ -149,3 +149,14 @@ def test_a_lazy_model_prunes_layer_by_layer_into_the_same_expert(family, tmp_pat
     assert a.config.cusprun_structure == b.config.cusprun_structure
     assert len(list((tmp_path / "lazy").glob("layer-*.safetensors"))) == len(arch.decoder_layers(b))
     assert not list(tmp_path.glob(".lazy.layers-tmp-*"))  # the staging directory is gone
+
+
+def test_sweeps_report_each_layer_they_reach():
+    from cusprun_edge.model.shards import reporting_layers
+
+    model, tok = tiny_model("llama")
+    seen = []
+    with reporting_layers(lambda i, n: seen.append((i, n))):
+        score_model(model, tok, {"domain": CORPUS}, show_progress=False)
+    score_model(model, tok, {"domain": CORPUS}, show_progress=False)  # outside the block: nobody hears
+    assert seen == [(i, 4) for i in range(4)]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,11 +83,29 @@ def reader_of(model) -> ShardReader | None:
     return getattr(model, READER_ATTR, None)
 
 
+_ON_LAYER: ContextVar[Callable[[int, int], None] | None] = ContextVar("on_layer", default=None)
+
+
+@contextmanager
+def reporting_layers(callback: Callable[[int, int], None]):
+    """Inside the block, every sweep tells `callback(i, n_layers)` when it reaches layer i (a progress display
+    for the long stages, without threading a callback through every sweep)."""
+    token = _ON_LAYER.set(callback)
+    try:
+        yield
+    finally:
+        _ON_LAYER.reset(token)
+
+
 @contextmanager
 def materialized(model, i: int):
     """Decoder layer i of a lazy model holds its float32 weights inside the block and none after it (a no-op
     on an eager model). Yields the layer."""
-    layer = arch.decoder_layers(model)[i]
+    layers = arch.decoder_layers(model)
+    layer = layers[i]
+    on_layer = _ON_LAYER.get()
+    if on_layer is not None:
+        on_layer(i, len(layers))
     reader = reader_of(model)
     if reader is None:
         yield layer

@@ -72,6 +72,7 @@ class PruneStage(Stage):
         import copy
 
         from ..config.corpora import ExpertSpec
+        from ..model.shards import reporting_layers
         from ..prune.pruner import prune_and_save, prunes_layer_by_layer
         from ..prune.score import ScoreSet
         from ..prune.vocab import vocab_held_out
@@ -92,12 +93,14 @@ class PruneStage(Stage):
         # the search's probe at the chosen ratio is the expert: it is not pruned a second time
         expert, pruned_record = pruned if pruned is not None else (copy.deepcopy(model), None)
         calib = [t for c in corpora.values() for t in c.calib]
-        record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
-                                options=dict(cfg.method_options),
-                                extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
-                                corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
-                                vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None,
-                                pruned_record=pruned_record)
+        what = f"pruning {ratio:.0%} with {cfg.method}"
+        with reporting_layers(lambda i, n: ctx.progress.update(description=f"{what}: layer {i + 1}/{n}")):
+            record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
+                                    options=dict(cfg.method_options),
+                                    extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
+                                    corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
+                                    vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None,
+                                    pruned_record=pruned_record)
         keys = ("method", "target_ratio", "achieved_ratio", "params_before", "params_after", "reconstruction",
                 "vocab", "ratio_search")
         return {k: record.get(k) for k in keys}
