@@ -258,13 +258,15 @@ def _scale_section(s: dict) -> list[str]:
     m = s["machine"]
     lines = [f"Stand-ins with the published shapes and random bf16 weights (memory and time only, no quality), "
              f"scored on a user corpus of general-domain documents. {m.get('cpu')}, {m.get('cores')} cores, "
-             f"{m['date']}. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the whole "
-             "model loaded first (scoring before the layer loop).", "",
-             "| model | parameters (B) | bf16 on disk GB | command | peak RSS GB | seconds | calibration tokens |",
-             "|---|---|---|---|---|---|---|"]
+             f"last run {m['date']}. The stand-ins use SmolLM2's tokenizer (49,152 tokens), so the 8B one has 7.38B "
+             "parameters, not 8.03B. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the "
+             "whole model loaded first (scoring before the layer loop); `prune`: the CLI's default recipe at 25% "
+             "(damage probes, refit, edits), one layer at a time, with the recipe options shown.", "",
+             "| model | parameters (B) | bf16 on disk GB | command | options | peak RSS GB | seconds | calibration tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['model']} | {r['params_b']} | {r['bf16_gb_on_disk']} | {r['command']} | "
-                     f"{r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
+                     f"{' '.join(r.get('options') or []) or '-'} | {r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
     return lines + [""]
 
 
