@@ -10,11 +10,14 @@ head, Y: the largest decoder layer, F: the widest FFN, K: the FFN channels a lay
 - prune, one layer at a time: the same, the layer's two copies (the refit's work copy, a damage probe's), and
   the refit's float64 statistics of the widest FFN input (F x K, for the calibration and the held-apart
   documents) with the K x K systems of its ridge solves (three at a time);
-- a stage that holds the whole model (a ratio search or vocabulary trimming in prune, export, validate, bench,
-  generate): WHOLE_FACTOR x P.
-The constants were fitted to measured peaks (benchmarks/results/scale.json: the Llama-3.2-1B stand-in scored in
-1.82 GB and pruned in 4.67 GB, one layer at a time, 2026-12-06), so these are estimates, not bounds; the build
-records every stage's real peak beside them.
+- a stage that holds the whole model (a ratio search or vocabulary trimming in prune, export, validate):
+  WHOLE_FACTOR x P in float32;
+- bench and generate run the ONNX artifacts (dense, expert, the builder's): three times their bytes per parameter
+  at the build's precision, twice over for ONNX Runtime's own copy.
+The constants were fitted to measured peaks (benchmarks/results/scale.json, 2026-12-06, one layer at a time: the
+Llama-3.2-1B stand-in scored in 1.82 GB and pruned in 4.67 GB, these formulas say 1.9 and 4.4; the Llama-3.1-8B
+one in 3.96 and 12.12 GB, the formulas 4.4 and 12.1), so these are estimates, not bounds; the build records every
+stage's real peak beside them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ BASE = 0.5 * GB
 # a stage that holds the whole float32 model: export holds it, its traced graph and the ONNX copy; validate the
 # dense and the expert models
 WHOLE_FACTOR = 3.0
+BYTES_PER_PARAM = {"int4": 0.6, "int8": 1.1, "fp16": 2.0, "fp32": 4.0}  # with scales and zero points
 
 
 def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, int]:
@@ -38,11 +42,16 @@ def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, 
     k = int(f * (1 - cfg.ratio))
     streamed = BASE + r + 3 * y
     whole = BASE + WHOLE_FACTOR * 4 * shape["params"]
-    refit = 2 * f * k * 8 + 3 * k * k * 8
+    refit = 3 * f * k * 8 + 3 * k * k * 8  # two statistics and a batch's float32 and float64 product
     out = {"load": streamed, "score": streamed,
            "prune": streamed + 2 * y + refit if layerwise_prune else whole + refit}
-    for stage in ("export", "validate", "bench", "generate"):
+    for stage in ("export", "validate"):
         out[stage] = whole
+    from ..config.targets import resolve_target
+
+    per_param = BYTES_PER_PARAM.get(cfg.precision or resolve_target(cfg.target).precision, 4.0)
+    for stage in ("bench", "generate"):
+        out[stage] = BASE + 3 * 2 * per_param * shape["params"]
     return {name: int(v) for name, v in out.items()}
 
 
@@ -63,7 +72,7 @@ def check_memory(cfg: BuildConfig, limit: str) -> dict:
     if over:
         name, need = max(over, key=lambda item: item[1])
         hint = ("; score and prune run one layer at a time, export and validate still hold the whole model"
-                if name in ("export", "validate", "bench", "generate") else "")
+                if name in ("export", "validate") else "")
         raise UserError(f"--max-memory {limit}: the {name} stage needs about {format_size(need)} for {cfg.model} "
                         f"(estimated from its shapes){hint}; allow more memory or choose a smaller model")
     return {name: round(b / GB, 2) for name, b in peaks.items()}
