@@ -264,8 +264,10 @@ def test_replace_only_our_own(ws):
 
 def _cli_process(*args, tmpdir: Path) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(tmpdir), "COLUMNS": "200"}
+    # a terminal's Ctrl-C reaches a process whose SIGINT is at its default; a test run started in the background
+    # of a non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     return subprocess.Popen([CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, proc, timeout=120.0):

@@ -1,32 +1,37 @@
 """Peak memory of a span of work, and memory sizes as users write them."""
 
-import numpy as np
+import mmap
+
 import pytest
 
 from cusprun_edge.measure.memory import format_size, measured, parse_size, rss_bytes
 
 
+def _touch(n_bytes: int) -> mmap.mmap:
+    """Fresh anonymous pages, every one written: resident until closed (whatever the allocator keeps)."""
+    block = mmap.mmap(-1, n_bytes)
+    for offset in range(0, n_bytes, mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 def test_a_span_sees_its_own_peak_not_an_earlier_one():
-    big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
-    del big
+    _touch(400 * 2**20).close()
+    start = rss_bytes()
     with measured() as span:
-        small = np.ones(100 * 2**20 // 8)  # 100 MB, touched
-        del small
+        _touch(100 * 2**20).close()
     assert span.scope == "stage"
-    before = rss_bytes()
-    # the 100 MB array raised the peak above the resident set outside it, and the freed 400 MB did not count
-    assert span.peak_bytes >= before + 90 * 2**20
-    assert span.peak_bytes < before + 390 * 2**20
+    # the 100 MB raised the peak above the resident set at the start, and the 400 MB freed before did not count
+    assert span.peak_bytes >= start + 90 * 2**20
+    assert span.peak_bytes < start + 390 * 2**20
     assert span.seconds >= 0 and span.record()["peak_rss_mb"] == round(span.peak_bytes / 2**20, 1)
 
 
 def test_an_inner_span_does_not_hide_the_outer_peak():
     with measured() as outer:
-        big = np.ones(300 * 2**20 // 8)
-        del big
+        _touch(300 * 2**20).close()
         with measured() as inner:
-            small = np.ones(50 * 2**20 // 8)
-            del small
+            _touch(50 * 2**20).close()
     assert outer.peak_bytes >= inner.peak_bytes + 200 * 2**20  # the 300 MB before the inner span began
     assert inner.peak_bytes < outer.peak_bytes
 
