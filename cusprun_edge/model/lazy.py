@@ -3,7 +3,7 @@
 `lazy_model(source)` builds the architecture with its parameters on the meta device (no memory), then loads
 what every token passes through whatever the layer (the embedding, the final norm, the output head) in
 float32. Each decoder layer is read from the safetensors shards, in float32, only inside
-`with materialized(model, i):` and dropped after it, so a sweep over the layers (model/sequential.py) holds one
+`with shards.materialized(model, i):` and dropped after it, so a sweep over the layers (model/sequential.py) holds one
 layer's weights at a time: a 16 GB bf16 8B model is scored in about the size of its embedding, its head, one
 layer and the calibration activations.
 
@@ -72,7 +72,7 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     except Exception as exc:  # a truncated shard, a config transformers cannot build: one line
         raise UserError(f"could not load {directory}: {first_line(exc)}") from None
     setattr(model, READER_ATTR, reader)
-    missing = [n for n in _keys(model) if not n.startswith(prefix) and n not in resident]
+    missing = [n for n in model.state_dict() if not n.startswith(prefix) and n not in resident]
     if missing == [arch.spec_for(model).lm_head + ".weight"] and config.tie_word_embeddings:
         missing = []  # tied: the head is the embedding, tied below
     if missing:
@@ -84,10 +84,6 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-def _keys(model) -> list[str]:
-    return list(model.state_dict().keys())
 
 
 
