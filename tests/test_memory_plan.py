@@ -24,7 +24,7 @@ def test_one_layer_at_a_time_needs_less_than_the_float32_model(tmp_path):
     cfg = BuildConfig(model=str(tmp_path), ratio=0.25)
     layerwise, whole = estimate(cfg, shape, True), estimate(cfg, shape, False)
     fp32 = 4 * shape["params"]
-    assert layerwise["score"] < layerwise["prune"] < fp32 / 2
+    assert layerwise["score"] < layerwise["prune"] < fp32 < whole["prune"]
     assert whole["prune"] > fp32  # the whole float32 model, at least
     assert layerwise["export"] == whole["export"] > fp32  # export still holds the whole model
     # a larger ratio keeps fewer FFN channels: smaller refit statistics
