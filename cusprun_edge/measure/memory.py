@@ -1,13 +1,15 @@
-"""Peak resident memory of this process over a span of work (a build stage), and what a model will need.
+"""Resident memory of this process: now, its peak, and its peak over a span of work (a build stage).
 
 On Linux the kernel keeps the high-water mark of the resident set (VmHWM in /proc/self/status) and lets a
 process reset it (writing 5 to /proc/self/clear_refs), so each stage's own peak is exact, not sampled.
 Elsewhere the peak is the process's lifetime maximum (getrusage), which can only over-state a stage's peak:
-the record says which one it is.
+the record says which one it is. Standard library only: the benchmark's worker (runtime.py, run as a script
+that imports nothing of the package) imports this file beside it.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -15,25 +17,35 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
 def rss_bytes() -> int:
-    """The resident set now (0 where the platform does not say)."""
-    kb = _status_kb("VmRSS")
-    return kb * 1024 if kb is not None else 0
+    """This process's resident memory now."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far. Linux: VmHWM, which starts afresh at exec and after a reset
+    (getrusage's ru_maxrss is carried over from the parent across fork + exec, so it would count the parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
 def _reset_peak() -> bool:
@@ -42,11 +54,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _lifetime_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 @dataclass
@@ -65,20 +72,15 @@ class Span:
 _OPEN: list["measured"] = []  # spans inside one another: a reset inside one must not lose the outer's peak
 
 
-def _hwm() -> int | None:
-    kb = _status_kb("VmHWM")
-    return kb * 1024 if kb is not None else None
-
-
 class measured:
     """Context manager: `with measured() as span: ...`; span.seconds and span.peak_bytes are set on exit.
     Spans may nest (a stage that measures a step of its own): each sees its own peak."""
 
     def __enter__(self) -> Span:
-        before = _hwm()
+        before = peak_rss_bytes()
         for outer in _OPEN:  # the peak so far is theirs before the kernel's mark is reset for this one
-            outer._floor = max(outer._floor, before or 0)
-        self.span = Span(scope="stage" if before is not None and _reset_peak() else "process")
+            outer._floor = max(outer._floor, before)
+        self.span = Span(scope="stage" if _reset_peak() else "process")
         self._floor = 0
         _OPEN.append(self)
         self._t0 = time.perf_counter()
@@ -87,8 +89,7 @@ class measured:
     def __exit__(self, *exc) -> None:
         self.span.seconds = time.perf_counter() - self._t0
         _OPEN.remove(self)
-        now = _hwm() if self.span.scope == "stage" else None
-        self.span.peak_bytes = max(self._floor, now) if now is not None else _lifetime_peak()
+        self.span.peak_bytes = max(self._floor, peak_rss_bytes())
 
 
 def parse_size(text: str) -> int:

@@ -21,7 +21,9 @@ import numpy as np
 
 try:
     from ..errors import UserError
-except ImportError:  # run as a script (the benchmark's worker): import nothing of the package, no torch
+    from .memory import peak_rss_bytes, rss_bytes
+except ImportError:  # run as a script (the benchmark's worker): nothing of the package, no torch
+    from memory import peak_rss_bytes, rss_bytes  # the standard-library-only module beside this file
 
     class UserError(Exception):
         pass
@@ -315,34 +317,6 @@ class GenaiCausalLM:
 # resident memory it reports is that of ONNX Runtime with this model alone (no torch, no other model).
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec (getrusage's
-    ru_maxrss is carried over from the parent across fork + exec, so it would count the parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
-
-
 def _percentiles(seconds: list[float]) -> dict:
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
@@ -353,7 +327,7 @@ def measure(job: dict) -> dict:
     """Time one artifact on one provider: session creation, prefill (time to first token) per prompt
     length, per-token decode latency and tokens/s; then the process's peak resident memory."""
     mb = 1024 * 1024
-    rss_start = _rss_bytes()
+    rss_start = rss_bytes()
     engine, provider = job["engine"], job["provider"]
     if engine == "onnxruntime-genai":
         model = GenaiCausalLM(job["artifact"], provider, threads=job.get("threads"))
@@ -366,7 +340,7 @@ def measure(job: dict) -> dict:
         if not isinstance(vocab, int):
             vocab = 32000
     result = {"engine": engine, "provider": provider, "provider_active": active,
-              "session_s": model.session_seconds, "rss_start_mb": rss_start / mb, "rss_loaded_mb": _rss_bytes() / mb}
+              "session_s": model.session_seconds, "rss_start_mb": rss_start / mb, "rss_loaded_mb": rss_bytes() / mb}
     if not active:
         result["active_providers"] = model.active_providers
         return result
@@ -411,7 +385,7 @@ def measure(job: dict) -> dict:
             rates.append(len(decode) / sum(decode))
     result["decode"] = {"prompt_tokens": n_prompt, "new_tokens": n_new, "per_token": _percentiles(per_token),
                         "tok_s": float(np.median(rates)), "tok_s_runs": [float(r) for r in rates]}
-    result["peak_rss_mb"] = _peak_rss_bytes() / mb
+    result["peak_rss_mb"] = peak_rss_bytes() / mb
     return result
 
 
