@@ -37,12 +37,9 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     if unknown or "onnx" not in cfg.formats:
         raise UserError(f"--format must be onnx or gguf, got '{', '.join(sorted(unknown) or cfg.formats)}'")
     if cfg.max_memory is not None:
-        from ..measure.memory import parse_size
+        from .memory_plan import memory_limit
 
-        try:
-            parse_size(cfg.max_memory)
-        except ValueError as exc:
-            raise UserError(f"--max-memory: {exc}") from None
+        memory_limit(cfg.max_memory)
     if "gguf" in build_formats(cfg, profile):
         from ..export.gguf import check_source_supported
 

@@ -54,19 +54,22 @@ def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, 
     return {name: int(v) for name, v in out.items()}
 
 
+def memory_limit(limit: str) -> int:
+    """--max-memory in bytes; UserError naming the flag when it is no size."""
+    try:
+        return parse_size(limit)
+    except ValueError as exc:
+        raise UserError(f"--max-memory: {exc}") from None
+
+
 def check_memory(cfg: BuildConfig, limit: str) -> dict:
     """Refuse (UserError) a build whose estimated peak in some stage is over `limit` ('8GB'); returns the
     estimates, in GB, for the build's record."""
     from ..model.lazy import model_shape
-    from ..prune.pruner import prunes_layer_by_layer
+    from .stages import prunes_streamed
 
-    try:
-        budget = parse_size(limit)
-    except ValueError as exc:
-        raise UserError(f"--max-memory: {exc}") from None
-    searching = cfg.max_ppl_ratio is not None or cfg.beat_baseline
-    layerwise = not searching and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
-    peaks = estimate(cfg, model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), layerwise)
+    budget = memory_limit(limit)
+    peaks = estimate(cfg, model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), prunes_streamed(cfg))
     over = [(name, b) for name, b in peaks.items() if b > budget]
     if over:
         name, need = max(over, key=lambda item: item[1])

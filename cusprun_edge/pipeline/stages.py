@@ -73,14 +73,12 @@ class PruneStage(Stage):
 
         from ..config.corpora import ExpertSpec
         from ..model.shards import reporting_layers
-        from ..prune.pruner import prune_and_save, prunes_layer_by_layer
+        from ..prune.pruner import prune_and_save
         from ..prune.score import ScoreSet
         from ..prune.vocab import vocab_held_out
 
         cfg = ctx.config
-        # one decoder layer in memory at a time where the prune allows it; the ratio search prunes whole probes
-        layerwise = not _searching(cfg) and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
-        model, tok = ctx.streamed() if layerwise else ctx.dense()
+        model, tok = ctx.streamed() if prunes_streamed(cfg) else ctx.dense()
         scores = ScoreSet.load(ctx.stage_dir("score") / "scores.safetensors")
         corpora = ExpertSpec.parse(cfg.expert).corpora()
         names = list(corpora)
@@ -89,11 +87,11 @@ class PruneStage(Stage):
         if _searching(cfg):
             search, pruned = _search_ratio(ctx, model, tok, scores, corpora)
             ratio = search["ratio"]
-        ctx.progress.start(f"pruning {ratio:.0%} with {cfg.method}")
+        what = f"pruning {ratio:.0%} with {cfg.method}"
+        ctx.progress.start(what)
         # the search's probe at the chosen ratio is the expert: it is not pruned a second time
         expert, pruned_record = pruned if pruned is not None else (copy.deepcopy(model), None)
         calib = [t for c in corpora.values() for t in c.calib]
-        what = f"pruning {ratio:.0%} with {cfg.method}"
         with reporting_layers(lambda i, n: ctx.progress.update(description=f"{what}: layer {i + 1}/{n}")):
             record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
                                     options=dict(cfg.method_options),
@@ -104,6 +102,14 @@ class PruneStage(Stage):
         keys = ("method", "target_ratio", "achieved_ratio", "params_before", "params_after", "reconstruction",
                 "vocab", "ratio_search")
         return {k: record.get(k) for k in keys}
+
+
+def prunes_streamed(cfg) -> bool:
+    """Whether the build prunes the dense model one decoder layer in memory at a time: where the prune allows it
+    (pruner.prunes_layer_by_layer) and no ratio search runs (it prunes whole probes)."""
+    from ..prune.pruner import prunes_layer_by_layer
+
+    return not _searching(cfg) and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
 
 
 def _searching(cfg) -> bool:

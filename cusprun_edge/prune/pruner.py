@@ -206,8 +206,18 @@ def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: P
         record = pruned_record if pruned_record is not None else prune_model(
             model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora,
             device=device, staging=staging)
-        _finish_and_save(model, tokenizer, scores, corpus_names, out, record, force, vocab_texts, vocab_size,
-                         vocab_floor, vocab_held_out, corpora, rule, extra)
+        if vocab_texts is not None:
+            from .vocab import DEFAULT_FLOOR, trim_vocab_for_corpora
+
+            tokenizer, record["vocab"] = trim_vocab_for_corpora(
+                model, tokenizer, vocab_texts, corpora=corpora, size=vocab_size,
+                floor=DEFAULT_FLOOR if vocab_floor is None else vocab_floor, held_out=vocab_held_out, rule=rule)
+            record["params_after"] = count_params(model)
+        record.update({"tool": f"cusprun-edge {__version__}", "corpora": corpus_names, **(extra or {})})
+        if scores is not None:
+            record["scores"] = {"model_hash": scores.model_hash,
+                                "corpora": {k: c.sha256 for k, c in scores.corpora.items()}}
+        save_expert(model, tokenizer, out, record, force=force)  # links the staged layers in
     return record
 
 
@@ -227,19 +237,3 @@ def _staging(model, out: Path):
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _finish_and_save(model, tokenizer, scores, corpus_names, out, record, force, vocab_texts, vocab_size,
-                     vocab_floor, vocab_held_out, corpora, rule, extra) -> None:
-    if vocab_texts is not None:
-        from .vocab import DEFAULT_FLOOR, trim_vocab_for_corpora
-
-        tokenizer, record["vocab"] = trim_vocab_for_corpora(
-            model, tokenizer, vocab_texts, corpora=corpora, size=vocab_size,
-            floor=DEFAULT_FLOOR if vocab_floor is None else vocab_floor, held_out=vocab_held_out, rule=rule)
-        record["params_after"] = count_params(model)
-    record.update({"tool": f"cusprun-edge {__version__}", "corpora": corpus_names, **(extra or {})})
-    if scores is not None:
-        record["scores"] = {"model_hash": scores.model_hash,
-                            "corpora": {k: c.sha256 for k, c in scores.corpora.items()}}
-    save_expert(model, tokenizer, out, record, force=force)
