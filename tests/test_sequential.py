@@ -160,3 +160,17 @@ def test_sweeps_report_each_layer_they_reach():
         score_model(model, tok, {"domain": CORPUS}, show_progress=False)
     score_model(model, tok, {"domain": CORPUS}, show_progress=False)  # outside the block: nobody hears
     assert seen == [(i, 4) for i in range(4)]
+
+
+def test_a_lazy_models_fingerprint_reads_its_layers_once_until_one_is_rewritten(tmp_path):
+    (eager, _), (lazy, _) = _saved("llama", tmp_path)
+    reader = reader_of(lazy)
+    reads = []
+    real_tensor = reader.tensor
+    reader.tensor = lambda name: (reads.append(name), real_tensor(name))[1]
+    assert model_fingerprint(lazy) == model_fingerprint(lazy) == model_fingerprint(eager)
+    n_layer_tensors = sum(1 for n in reader.names() if n.startswith("model.layers."))
+    assert len(reads) == n_layer_tensors  # the second call read nothing
+    with materialized(lazy, 0) as layer:  # a rewritten layer (here: the same values) makes it hash again
+        reader.stage_layer("model.layers.0.", layer, tmp_path / "layer-0.safetensors")
+    assert model_fingerprint(lazy) == model_fingerprint(eager) and len(reads) > n_layer_tensors + 1

@@ -47,19 +47,16 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     directory = _source_dir(source)
     if directory is None or trust_remote_code:
         return load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .load import check_hf_dir, first_line
 
     quiet_transformers()
     check_hf_dir(directory, allow_pickle)
     try:
-        config = AutoConfig.from_pretrained(directory)
-        arch.spec_for_model_type(config.model_type)
+        model = _skeleton(directory)
+        config = model.config
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        with init_empty_weights():  # parameters on meta; buffers (the rotary tables) real
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         reader = ShardReader(directory)
         expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
         if any(expected.get(name, shape) != shape for name, shape in reader.shapes().items()):
@@ -86,15 +83,22 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     return model, tokenizer
 
 
+def _skeleton(directory: Path):
+    """The architecture of the model at `directory` (config.json alone), its parameters on the meta device and
+    its buffers (the rotary tables) real; UserError for an architecture we do not support."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    arch.spec_for_model_type(config.model_type)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def model_shape(source: str, *, trust_remote_code: bool = False) -> dict:
     """Parameter counts of `source` from its config alone (the architecture built on the meta device: no
     weights read): total, embedding, output head (0 when tied), the largest decoder layer, hidden size, the
     largest FFN width and the number of layers. For estimating memory before anything loads."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .expert_io import quiet_transformers
     from .load import load_model, resolve_source
 
@@ -104,10 +108,7 @@ def model_shape(source: str, *, trust_remote_code: bool = False) -> dict:
     if directory is None:  # an expert or a hub id: loaded as load_model loads it
         model, _ = load_model(source, trust_remote_code=trust_remote_code)
     else:
-        config = AutoConfig.from_pretrained(directory)
-        arch.spec_for_model_type(config.model_type)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = _skeleton(directory)
     spec = arch.spec_for(model)
     layers = arch.decoder_layers(model)
     embed = arch.get(model, spec.embed).weight

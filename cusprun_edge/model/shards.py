@@ -8,6 +8,9 @@ the layers through it (model/sequential.py), so they run unchanged on a whole mo
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -26,6 +29,7 @@ class ShardReader:
 
     def __init__(self, directory: Path):
         directory = Path(directory)
+        self.fingerprint: str | None = None  # score.model_fingerprint's hash, kept until a layer is rewritten
         index = directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -50,6 +54,7 @@ class ShardReader:
         from safetensors.torch import save_file
 
         state = {prefix + k: v.detach().to(torch.float32).contiguous() for k, v in layer.state_dict().items()}
+        self.fingerprint = None
         for name in [n for n in self.files if n.startswith(prefix)]:
             del self.files[name]  # a tensor the edit removed is gone
         save_file(state, str(file), metadata={"format": "pt"})
@@ -137,13 +142,8 @@ class OffloadedLayers:
     refitted projections of every layer of an 8B model (7 GB in float32) until the expert is written."""
 
     def __init__(self):
-        import tempfile
-        import weakref
-
         self.directory = Path(tempfile.mkdtemp(prefix="cusprun-layers-"))
         self._keys: list[int] = []
-        import shutil
-
         weakref.finalize(self, shutil.rmtree, str(self.directory), True)
 
     def __setitem__(self, i: int, tensors: dict[str, torch.Tensor]) -> None:

@@ -30,21 +30,28 @@ from ..config.corpora import Corpus
 from ..errors import UserError
 from ..model import arch
 from ..model.sequential import capture_stream, run_layer
-from ..model.shards import materialized, tensor_of
+from ..model.shards import materialized, reader_of, tensor_of
 
 SCORE_VERSION = 1
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the model's structure and weights (a few float samples per tensor keeps it fast)."""
+    """Hash of the model's structure and weights (a few float samples per tensor keeps it fast). A lazy model's
+    layers are read one tensor at a time, once: its reader keeps the hash until a layer is rewritten (a build's
+    load, score and prune stages all ask; for an 8B model each read is 14 GB from disk)."""
+    reader = reader_of(model)
+    if reader is not None and reader.fingerprint is not None:
+        return reader.fingerprint
     h = hashlib.sha256()
     h.update(model.config.model_type.encode())
     for name, p in sorted(model.state_dict().items()):
-        flat = tensor_of(model, name, p).detach().reshape(-1)  # a lazy model's layers are read one tensor at a time
+        flat = tensor_of(model, name, p).detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    if reader is not None:
+        reader.fingerprint = h.hexdigest()
     return h.hexdigest()
 
 
