@@ -5,7 +5,11 @@ written shard by shard by ../shared/tools/standin.py; no hub here), into results
 Random weights say nothing about quality: these rows measure memory and time only. Each command runs in its own
 process under /usr/bin/time, so its peak is its own. "score" is the CLI (one decoder layer read from disk at a
 time); "score-whole" loads the whole model first, as scoring did before the layer loop, for comparison;
-"prune" is the CLI's default recipe at 25% (damage probes, refit, edits, one layer at a time).
+"prune" is the CLI's default recipe at 25% (damage probes, refit, edits, one layer at a time); "export" is the
+CLI's int4 export of the dense stand-in (exact plan: with no expert recorded, weights off a 4-bit grid are fitted
+without calibration, one layer at a time); "build" is the whole `build --target x86-cpu --ratio 0.25` (load, score,
+prune, both exports one layer at a time, validate, bench, generate, report), with each stage's own peak and time
+from its stage.json.
 The expert is `--docs` documents of the built-in general domain (a user corpus), so the time is stated per
 calibration token; the stage's memory barely depends on it (the activations carried between layers do).
 """
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO.parent / "shared" / "tools" / "standin.py"
 WORK = Path(os.environ.get("CUSPRUN_SCALE_WORK", REPO / "benchmarks" / "work" / "scale"))
 MODELS = ("llama-3.2-1b", "llama-3.1-8b")
-COMMANDS = ("score", "score-whole", "prune")
+COMMANDS = ("score", "score-whole", "prune", "export", "build")
 
 # standin.py imports the loader under its name before the layout move (cusprun_edge.models)
 _STANDIN_SHIM = ("import runpy, sys; import cusprun_edge.model.load as m; sys.modules['cusprun_edge.models'] = m; "
@@ -90,6 +95,14 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
                 argv = [cli, "score", "--model", str(model), "--expert", expert, "--out", str(scores), "--force"]
             elif command == "score-whole":
                 argv = [sys.executable, "-c", _WHOLE, str(model), expert, str(WORK / f"{name}-score-whole.st")]
+            elif command == "export":
+                argv = [cli, "export", "--model", str(model), "--target", "x86-cpu", "--precision", "int4",
+                        "--quant-plan", "exact", "--out", str(WORK / f"{name}-int4"), "--force"]
+            elif command == "build":
+                build_dir = WORK / f"{name}-build"
+                shutil.rmtree(build_dir, ignore_errors=True)  # ours: a fresh build, not a resumed one
+                argv = [cli, "build", "--model", str(model), "--expert", expert, "--target", "x86-cpu",
+                        "--ratio", "0.25", "--out", str(build_dir)]
             else:  # the default recipe (damage probes, refit) at 25%, on the scores of the "score" row
                 argv = [cli, "prune", "--model", str(model), "--expert", expert, "--scores", str(scores),
                         "--ratio", "0.25", "--out", str(WORK / f"{name}-expert"), "--force",
@@ -98,6 +111,8 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
             row = {"model": name, "command": command, "params_b": round(params / 1e9, 2),
                    "bf16_gb_on_disk": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**30, 2),
                    **timed(argv), "docs": n_docs, **({"options": options} if command == "prune" and options else {})}
+            if command == "build":
+                row["stages"] = _stage_figures(WORK / f"{name}-build")
             from cusprun_edge.prune.score import ScoreSet
 
             row["tokens"] = sum(c.n_tokens for c in ScoreSet.load(scores).corpora.values())
@@ -108,6 +123,16 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
 
     write_results_md()
     return path
+
+
+def _stage_figures(build_dir: Path) -> dict:
+    """Each stage's own time and peak resident memory, as its stage.json recorded them."""
+    figures = {}
+    for record in sorted(build_dir.glob("*/stage.json")):
+        data = json.loads(record.read_text())
+        figures[record.parent.name] = {"seconds": data.get("seconds"),
+                                       "peak_rss_gb": round((data.get("peak_rss_mb") or 0) / 1024, 2)}
+    return figures
 
 
 def _numel(shape) -> int:

@@ -238,6 +238,9 @@ def export(
                             "model.gguf, per-layer widths, the source GGUF's intact blocks copied)."),
     gguf_type: str = typer.Option("q8_0", "--gguf-type", help="With --format gguf: the type of weights pruning "
                                   "changed (q8_0, q4_0, q4_1, f16, f32)."),
+    layer_by_layer: Optional[bool] = typer.Option(
+        None, "--layer-by-layer/--whole-model", help="Hold one decoder layer in memory at a time (fp32, int8, int4), "
+        "or the whole model (default: one layer at a time above 2 GB of float32 weights)."),
 ):
     """Compile a model or expert to ONNX artifacts for a target (or to GGUF for llama.cpp), with a manifest."""
     if fmt not in ("onnx", "gguf"):
@@ -257,6 +260,7 @@ def export(
     from . import outputs
     from .config.targets import resolve_target
     from .export import export_model
+    from .export.build import load_for_export
     from .library_logs import captured, show_library_logs
     from .pipeline.check import check_precision
 
@@ -268,12 +272,14 @@ def export(
     replace = force or out.is_dir()  # checked above: an empty directory, or our own export with --force
     if verbose:
         show_library_logs()
-        m, tok = _load(model, trust_remote_code, allow_pickle)
+        m, tok = load_for_export(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                 layer_by_layer=layer_by_layer)
         manifest = export_model(m, tok, profile, out, precision=precision, force=replace, quant_plan=quant_plan)
     else:  # library output goes to OUT/export.log (written in OUT's staging directory meanwhile)
         with outputs.staging(out) as stage:
             with captured(stage.path):
-                m, tok = _load(model, trust_remote_code, allow_pickle)
+                m, tok = load_for_export(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                         layer_by_layer=layer_by_layer)
                 manifest = export_model(m, tok, profile, out, precision=precision, force=replace,
                                         quant_plan=quant_plan)
             shutil.move(str(stage.path), out / "export.log")

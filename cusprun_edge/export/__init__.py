@@ -10,6 +10,7 @@ One module per job:
   precision.py   fp32 graph -> fp16 / int8 / int4
   parity.py      the gate: PyTorch fp32 against the exported graph on prompts and held-out text
   package.py     genai_config.json, memory estimate, manifest.json
+  streamed.py    the same export one decoder layer at a time, for a model too large to hold whole
   build.py       export_model: all of the above in a temporary directory renamed into place
 """
 

@@ -16,10 +16,11 @@ from ..config.targets import resolve_target
 from ..errors import UserError
 from ..fsutil import atomic_directory
 from ..model import arch
+from ..model.shards import is_lazy
 from ..model.structure import count_params, structure_of
 from . import parity as gate
 from . import trace_cache
-from .common import MANIFEST_FILE, MODEL_FILE, one_line
+from .common import MANIFEST_FILE, MODEL_FILE, exports_layer_by_layer, one_line
 from .package import (
     context_length,
     estimate_memory,
@@ -41,10 +42,22 @@ StepCallback = Callable[[str], None]
 
 def export_source(source, target, out, **kwargs) -> dict:
     """Load `source` (embedded name, .gguf, HF or expert directory) and export it; returns the manifest."""
+    model, tokenizer = load_for_export(str(source))
+    return export_model(model, tokenizer, target, out, source=str(source), **kwargs)
+
+
+def load_for_export(source: str, *, trust_remote_code: bool = False, allow_pickle: bool = False,
+                    layer_by_layer: bool | None = None):
+    """(model, tokenizer) of `source` as export_model takes it: whole, or with its decoder layers left on disk
+    (model/lazy.py) so the export runs one layer at a time (export/streamed.py). `layer_by_layer`: None decides by
+    size (common.exports_layer_by_layer)."""
+    from ..model.lazy import lazy_model, model_shape
     from ..model.load import load_model
 
-    model, tokenizer = load_model(str(source))
-    return export_model(model, tokenizer, target, out, source=str(source), **kwargs)
+    if layer_by_layer is None:
+        layer_by_layer = exports_layer_by_layer(model_shape(source, trust_remote_code=trust_remote_code)["params"])
+    load = lazy_model if layer_by_layer else load_model
+    return load(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def export_model(
@@ -178,32 +191,14 @@ def _grams(model, tokenizer, texts, timings, notes, plan: str = DEFAULT_PLAN) ->
 
 def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory, source, step, held_out,
            calibration, plan) -> dict:
-    timings: dict[str, float] = {}
-    notes: list[str] = []
-    t = time.perf_counter()
-    reference = gate.reference_logits(model, tokenizer)
-    timings["reference"] = round(time.perf_counter() - t, 2)
-    fp32_dir = tmp / "fp32"
-    attention, exporter, fp32_parity, rotary_fused = _export_fp32(
-        model, attention, profile, reference, limits, fp32_dir, timings, notes, step)
+    if is_lazy(model):  # too large to hold whole: one decoder layer at a time
+        from .streamed import export_streamed
 
-    parity = {"fp32": fp32_parity}
-    quantization = None
-    if precision == "fp32":
-        convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision)
+        timings, parity, quantization, attention, exporter, rotary_fused, notes = export_streamed(
+            model, tokenizer, profile, precision, attention, limits, tmp, step, held_out, calibration, plan)
     else:
-        t = time.perf_counter()
-        texts = gate.held_out_texts(held_out)
-        held_reference = gate.held_out_reference(model, tokenizer, texts)
-        timings["held_out_reference"] = round(time.perf_counter() - t, 2)
-        grams = _grams(model, tokenizer, calibration, timings, notes, plan) if precision == "int4" else {}
-        gate_limits = limits["int4-fast"] if precision == "int4" and plan == "fast" else limits[precision]
-        quantization, parity[precision] = _quantize_and_gate(
-            fp32_dir, tmp, precision, profile, reference, held_reference, gate_limits, timings, notes, step,
-            grams, plan)
-        del grams
-    shutil.rmtree(fp32_dir)
-
+        timings, parity, quantization, attention, exporter, rotary_fused, notes = _export_whole(
+            model, tokenizer, profile, precision, attention, limits, tmp, step, held_out, calibration, plan)
     step("package")
     t = time.perf_counter()
     tokenizer.save_pretrained(tmp)
@@ -239,6 +234,37 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         "timings_s": timings,
         "notes": notes,
     }
+
+
+def _export_whole(model, tokenizer, profile, precision, attention, limits, tmp, step, held_out, calibration, plan):
+    """The whole model in memory: trace, gate the fp32 graph, quantize it and gate that. Returns (timings, parity,
+    quantization record, attention kind, exporter, rotary fused, notes)."""
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t = time.perf_counter()
+    reference = gate.reference_logits(model, tokenizer)
+    timings["reference"] = round(time.perf_counter() - t, 2)
+    fp32_dir = tmp / "fp32"
+    attention, exporter, fp32_parity, rotary_fused = _export_fp32(
+        model, attention, profile, reference, limits, fp32_dir, timings, notes, step)
+
+    parity = {"fp32": fp32_parity}
+    quantization = None
+    if precision == "fp32":
+        convert_precision(fp32_dir / MODEL_FILE, tmp / MODEL_FILE, precision)
+    else:
+        t = time.perf_counter()
+        texts = gate.held_out_texts(held_out)
+        held_reference = gate.held_out_reference(model, tokenizer, texts)
+        timings["held_out_reference"] = round(time.perf_counter() - t, 2)
+        grams = _grams(model, tokenizer, calibration, timings, notes, plan) if precision == "int4" else {}
+        gate_limits = limits["int4-fast"] if precision == "int4" and plan == "fast" else limits[precision]
+        quantization, parity[precision] = _quantize_and_gate(
+            fp32_dir, tmp, precision, profile, reference, held_reference, gate_limits, timings, notes, step,
+            grams, plan)
+        del grams
+    shutil.rmtree(fp32_dir)
+    return timings, parity, quantization, attention, exporter, rotary_fused, notes
 
 
 def _quantize_and_gate(fp32_dir, tmp, precision, profile, reference, held_reference, limits, timings, notes, step,

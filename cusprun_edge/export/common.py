@@ -14,6 +14,14 @@ from ..model.structure import structure_of
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
+# Float32 weights above which an export holds one decoder layer at a time (export/streamed.py): the whole-model
+# export peaks at about three copies of them (the model, the traced graph saved and loaded back, ONNX Runtime's).
+LAYER_BY_LAYER_ABOVE_BYTES = 2 * 1024**3
+
+
+def exports_layer_by_layer(params: int) -> bool:
+    """Whether a model of `params` parameters is exported one decoder layer at a time."""
+    return params * 4 > LAYER_BY_LAYER_ABOVE_BYTES
 
 
 def kv_layout(model) -> tuple[list[int], int]:

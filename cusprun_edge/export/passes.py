@@ -120,21 +120,20 @@ def _pack_qkv_projections(graph) -> None:
             continue
         if len({p[2] is None for p in parts}) != 1:
             continue  # bias on some projections only
-        weights = [p[1] for p in parts]
-        packed_weight = np.concatenate(weights, axis=1)
         x = parts[0][0].inputs[0]
         name = parts[0][0].name
-        weight = ir.Value(name=f"{name}.qkv_weight", const_value=ir.tensor(packed_weight),
-                          shape=ir.Shape(packed_weight.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        packed_weight = joined([p[1] for p in parts], axis=1)
+        weight = ir.Value(name=f"{name}.qkv_weight", const_value=packed_weight,
+                          shape=packed_weight.shape, type=ir.TensorType(ir.DataType.FLOAT))
         graph.register_initializer(weight)
         matmul = ir.node("MatMul", [x, weight], name=f"{name}.qkv")
         matmul.metadata_props.update(parts[0][0].metadata_props)  # the query's module scopes name it
         matmul.outputs[0].name = f"{name}.qkv_output"
         new_nodes, packed = [matmul], matmul.outputs[0]
         if parts[0][2] is not None:
-            packed_bias = np.concatenate([p[2] for p in parts])
-            bias = ir.Value(name=f"{name}.qkv_bias", const_value=ir.tensor(packed_bias),
-                            shape=ir.Shape(packed_bias.shape), type=ir.TensorType(ir.DataType.FLOAT))
+            packed_bias = joined([p[2] for p in parts], axis=0)
+            bias = ir.Value(name=f"{name}.qkv_bias", const_value=packed_bias,
+                            shape=packed_bias.shape, type=ir.TensorType(ir.DataType.FLOAT))
             graph.register_initializer(bias)
             add = ir.node("Add", [packed, bias], name=f"{name}.qkv_add")
             add.outputs[0].name = f"{name}.qkv_sum"
@@ -146,8 +145,19 @@ def _pack_qkv_projections(graph) -> None:
         node.replace_input_with(2, None)
 
 
+def joined(tensors, axis: int):
+    """The constant tensors concatenated along `axis`: at once, or when read where one of them is read from disk
+    only when written (export/streamed.py), so a packed q/k/v weight of a large model never sits in memory."""
+    if not any(isinstance(t, ir.LazyTensor) for t in tensors):
+        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis))
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in tensors)
+    return ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
+                         dtype=ir.DataType.FLOAT, shape=ir.Shape(shape))
+
+
 def _projection(value):
-    """(MatMul node, weight array, bias array or None) when `value` is x @ W (+ b) with constant W, b."""
+    """(MatMul node, weight tensor, bias tensor or None) when `value` is x @ W (+ b) with constant W, b."""
     add = _producer(value, "Add")
     bias = None
     if add is not None:
@@ -155,12 +165,12 @@ def _projection(value):
         constant = add.inputs[1].const_value if add.inputs[1] is not None else None
         if matmul is None or constant is None or len(constant.shape) != 1:
             return None
-        bias = constant.numpy()
+        bias = constant
     else:
         matmul = _producer(value, "MatMul")
     if matmul is None or matmul.inputs[1].const_value is None or len(matmul.inputs[1].shape) != 2:
         return None
-    return matmul, matmul.inputs[1].const_value.numpy(), bias
+    return matmul, matmul.inputs[1].const_value, bias
 
 
 # Opset 18 moved Reduce* axes from an attribute to an input; these ops changed in other ways or are new,

@@ -154,10 +154,12 @@ def _example_inputs(model):
     return input_ids, attention_mask, position_ids, past
 
 
-def export_onnx(model, attention: str, opset: int, max_positions: int = 0, on_passes=None):
+def export_onnx(model, attention: str, opset: int, max_positions: int = 0, on_passes=None, bind_weights=None):
     """Trace the cached decoder to an onnx_ir.Model; returns (model, exporter description).
 
-    `max_positions` sizes the rotary tables of fused attention (0: rotary stays in plain ops)."""
+    `max_positions` sizes the rotary tables of fused attention (0: rotary stays in plain ops). `bind_weights`
+    (export/streamed.py): the model's decoder layers hold placeholders; it is called on the unoptimized graph to
+    point their initializers at the weights on disk and optimize around them, before the graph passes."""
     decoder = CachedDecoder(model, fused_attention=attention == "gqa", max_positions=max_positions).eval()
     args = _example_inputs(model)
     input_names, output_names = io_names(len(args[3]) // 2)
@@ -170,16 +172,18 @@ def export_onnx(model, attention: str, opset: int, max_positions: int = 0, on_pa
         with torch.no_grad(), attention_implementation(model, implementation), quiet():
             program = torch.onnx.export(
                 decoder, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                output_names=output_names, opset_version=max(opset, 18), optimize=True,
+                output_names=output_names, opset_version=max(opset, 18), optimize=bind_weights is None,
                 custom_translation_table=table, verbose=False,
             )
         onnx_model, exporter = program.model, "torch.onnx.export(dynamo=True)"
     except Exception as exc:
-        if attention == "gqa":
+        if attention == "gqa" or bind_weights is not None:
             raise  # the fused op exists only for the dynamo exporter; the caller retries plain attention
         with attention_implementation(model, implementation):
             onnx_model = _export_torchscript(decoder, args, input_names, output_names, opset)
         exporter = f"torch.onnx.export(dynamo=False) (TorchScript fallback; dynamo failed: {one_line(exc)})"
+    if bind_weights is not None:
+        bind_weights(onnx_model)
     if opset < 18 and onnx_model.opset_imports.get("", 18) >= 18:
         lower_to_opset_17(onnx_model)  # before the fusions: they add ops no ONNX converter knows
     if on_passes:

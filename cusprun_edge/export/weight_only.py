@@ -189,15 +189,16 @@ def share_embedding_with_lm_head(proto) -> bool:
 def module_paths(proto) -> dict[str, str]:
     """MatMul node name -> the PyTorch module it computes (e.g. model.layers.0.mlp.down_proj), from the
     dynamo exporter's name scopes; packed q/k/v MatMuls ('<q node>.qkv') map to '<attention>.qkv_proj'."""
-    paths = {}
-    for node in proto.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        parts = [s.strip(" '") for s in scopes.strip("[]").split(",") if s.strip(" '")]
-        path = parts[-2] if len(parts) >= 2 else node.name
-        path = path.removeprefix("model.")
-        if node.name.endswith(".qkv"):
-            path = path.rsplit(".", 1)[0] + ".qkv_proj" if "." in path else f"{node.name}_proj"
-        paths[node.name] = path
-    return paths
+    return {node.name: module_path(node.name, next((p.value for p in node.metadata_props
+                                                     if p.key == "pkg.torch.onnx.name_scopes"), ""))
+            for node in proto.graph.node if node.op_type == "MatMul"}
+
+
+def module_path(node_name: str, scopes: str) -> str:
+    """The module a MatMul named `node_name` computes, from its `pkg.torch.onnx.name_scopes` metadata."""
+    parts = [s.strip(" '") for s in scopes.strip("[]").split(",") if s.strip(" '")]
+    path = parts[-2] if len(parts) >= 2 else node_name
+    path = path.removeprefix("model.")
+    if node_name.endswith(".qkv"):
+        path = path.rsplit(".", 1)[0] + ".qkv_proj" if "." in path else f"{node_name}_proj"
+    return path

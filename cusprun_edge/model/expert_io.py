@@ -10,7 +10,7 @@ import torch
 from ..errors import UserError
 from ..fsutil import atomic_directory, check_replaceable
 from . import arch
-from .shards import is_lazy, reader_of
+from .shards import READER_ATTR, ShardReader, is_lazy, reader_of
 from .structure import Structure, record_structure, shape_like
 from .vocab_layers import shape_vocab_like
 
@@ -114,8 +114,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load an expert saved by `save_expert`; returns (model, tokenizer) like `load_model`."""
+def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu", *, lazy: bool = False):
+    """Load an expert saved by `save_expert`; returns (model, tokenizer) like `load_model`. `lazy`: its decoder
+    layers stay on disk until a sweep or `shards.layers_streamed` reads one (model/lazy.py), float32 on the CPU."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -134,7 +135,13 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     vocab = getattr(config, "cusprun_vocab", None)
     if vocab:
         shape_vocab_like(model, vocab)
-    state = _read_state_dict(path)
+    if lazy:
+        reader = ShardReader(path)
+        prefix = arch.spec_for(model).layers + "."
+        state = {name: reader.tensor(name) for name in reader.names() if not name.startswith(prefix)}
+        setattr(model, READER_ATTR, reader)
+    else:
+        state = _read_state_dict(path)
     result = model.load_state_dict(state, strict=False, assign=True)
     if vocab:
         if vocab["tied"]:
@@ -142,13 +149,14 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
             arch.get(model, spec.lm_head).inner.weight = arch.get(model, spec.embed).inner.weight
     else:
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta
+                  and not (lazy and n.startswith(arch.spec_for(model).layers + "."))]
     if result.unexpected_keys or still_meta:
         raise UserError(
             f"{path}: weights do not match the recorded structure "
             f"(unexpected {result.unexpected_keys[:3]}, missing {still_meta[:3]})"
         )
-    model = model.to(device=device, dtype=dtype).eval()
+    model = (model if lazy else model.to(device=device, dtype=dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

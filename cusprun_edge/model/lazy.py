@@ -8,9 +8,8 @@ layer's weights at a time: a 16 GB bf16 8B model is scored in about the size of 
 layer and the calibration activations.
 
 An eager model (load.load_model) goes through the same sweeps unchanged: `materialized` is a no-op on it.
-Sources: a Hugging Face directory with safetensors weights, or an embedded model or a .gguf (through the
-converted cache, which is safetensors). An expert directory (per-layer widths) loads eagerly: it is already
-the smaller model.
+Sources: a Hugging Face directory with safetensors weights, an embedded model or a .gguf (through the
+converted cache, which is safetensors), or an expert directory (its per-layer widths: expert_io.load_expert).
 """
 
 from __future__ import annotations
@@ -44,6 +43,13 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     from .expert_io import quiet_transformers
     from .load import load_model
 
+    from .load import resolve_source
+
+    kind, where = resolve_source(str(source))
+    if kind == "expert":
+        from .expert_io import load_expert
+
+        return load_expert(where, lazy=True)
     directory = _source_dir(source)
     if directory is None or trust_remote_code:
         return load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

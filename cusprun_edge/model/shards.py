@@ -125,6 +125,41 @@ def materialized(model, i: int):
         layer.to("meta")
 
 
+@contextmanager
+def layers_streamed(model):
+    """Inside the block, a whole-model forward of a lazy model reads each decoder layer from disk for its turn
+    and drops it after (forward hooks around `materialized`), so code written for a whole model (the export's
+    reference logits, a perplexity) runs on one holding a single layer. A no-op on an eager model."""
+    if reader_of(model) is None:
+        yield model
+        return
+    open_layers: dict[int, object] = {}
+
+    def enter(i):
+        def hook(module, args, kwargs):
+            block = materialized(model, i)
+            block.__enter__()
+            open_layers[i] = block
+        return hook
+
+    def leave(i):
+        def hook(module, args, kwargs, output):
+            open_layers.pop(i).__exit__(None, None, None)
+        return hook
+
+    handles = []
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        handles.append(layer.register_forward_pre_hook(enter(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(leave(i), with_kwargs=True))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in open_layers.values():  # a forward that raised inside a layer
+            block.__exit__(None, None, None)
+
+
 def tensor_of(model, name: str, value: torch.Tensor) -> torch.Tensor:
     """The float32 value of the state-dict entry `name` (`value` as the model holds it): read from disk when
     a lazy model holds it on the meta device."""

@@ -112,6 +112,14 @@ def prunes_streamed(cfg) -> bool:
     return not _searching(cfg) and prunes_layer_by_layer(cfg.method, cfg.method_options, cfg.prune_vocab)
 
 
+def exports_streamed(cfg) -> bool:
+    """Whether the build exports one decoder layer in memory at a time (export/streamed.py): by the model's size."""
+    from ..export.common import exports_layer_by_layer
+    from ..model.lazy import model_shape
+
+    return exports_layer_by_layer(model_shape(cfg.model, trust_remote_code=cfg.trust_remote_code)["params"])
+
+
 def _searching(cfg) -> bool:
     return cfg.max_ppl_ratio is not None or cfg.beat_baseline
 
@@ -223,12 +231,13 @@ class ExportStage(Stage):
         # on the expert's calibration documents (scoring and held-apart ones)
         calibration = calibration_documents(ExpertSpec.parse(ctx.config.expert).corpora())
         ctx.progress.start("export dense", total=2)
-        model, tok = ctx.dense()
+        layer_by_layer = exports_streamed(ctx.config)  # too large to hold whole: one decoder layer at a time
+        model, tok = ctx.streamed() if layer_by_layer else ctx.dense()
         dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision,
                                       held_out=ctx.config.expert, calibration=calibration,
                                       quant_plan=ctx.config.quant_plan, **steps("dense"))
         ctx.progress.update(description="export expert", advance=1)
-        expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
+        expert, etok = load_expert(ctx.stage_dir("prune") / "expert", lazy=layer_by_layer)
         expert_manifest = export_model(expert, etok, ctx.config.target, work / "expert",
                                        precision=ctx.config.precision, held_out=ctx.config.expert,
                                        calibration=calibration, quant_plan=ctx.config.quant_plan, **steps("expert"))
@@ -394,7 +403,7 @@ class GGUFStage(Stage):
         from ..model.expert_io import load_expert
 
         ctx.progress.start("gguf: export", total=6)
-        expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
+        expert, etok = load_expert(ctx.stage_dir("prune") / "expert", lazy=layer_by_layer)
         source = source_gguf_for(ctx.config.model)
         manifest = export_gguf(expert, etok, work / "expert", source=ctx.config.model, source_gguf=source)
         ctx.progress.update(advance=1)
