@@ -261,12 +261,21 @@ def _scale_section(s: dict) -> list[str]:
              f"last run {m['date']}. The stand-ins use SmolLM2's tokenizer (49,152 tokens), so the 8B one has 7.38B "
              "parameters, not 8.03B. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the "
              "whole model loaded first (scoring before the layer loop); `prune`: the CLI's default recipe at 25% "
-             "(damage probes, refit, edits), one layer at a time, with the recipe options shown.", "",
+             "(damage probes, refit, edits), one layer at a time, with the recipe options shown; `export`: the CLI's "
+             "int4 export of the dense stand-in, one layer at a time (exact plan: with no expert recorded, weights "
+             "off a 4-bit grid are fitted without calibration); `build`: the whole `build --target x86-cpu --ratio "
+             "0.25`, its peak that of the build's process and of any child it waited for (the GenAI builder's baseline "
+             "runs in one), each stage's own peak below the table.", "",
              "| model | parameters (B) | bf16 on disk GB | command | options | peak RSS GB | seconds | calibration tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['model']} | {r['params_b']} | {r['bf16_gb_on_disk']} | {r['command']} | "
                      f"{' '.join(r.get('options') or []) or '-'} | {r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
+    for r in s["rows"]:
+        if r.get("stages"):
+            lines += ["", f"`build` of {r['model']}, per stage (its own time and peak, from stage.json):", "",
+                      "| stage | seconds | peak RSS GB |", "|---|---|---|"]
+            lines += [f"| {name} | {v['seconds']} | {v['peak_rss_gb']} |" for name, v in r["stages"].items()]
     return lines + [""]
 
 

@@ -31,7 +31,8 @@ PICKLE = typer.Option(False, "--allow-pickle", help="Allow loading pickle checkp
 FORCE = typer.Option(False, "--force", help="Replace the output if it exists.")
 PLAN_HELP = ("int4 plan: 'exact' (GGUF grids kept exactly, 8-bit lm_head: closest to fp32) or 'fast' (plain 4-bit "
              "forms ONNX Runtime runs fastest, every weight rounded GPTQ-style; it beats the GenAI builder's int4 on "
-             "speed and held-out perplexity).")
+             "speed and held-out perplexity) or 'rtn' (fast's forms rounded to nearest, as the builder rounds: minutes "
+             "for an 8B model where the others take hours on a small CPU).")
 QUANT_PLAN = typer.Option(DEFAULTS.quant_plan, "--quant-plan", help=PLAN_HELP + " Default for a build: fast.")
 EXPORT_PLAN = typer.Option("exact", "--quant-plan", help=PLAN_HELP + " Default for a single export: exact.")
 

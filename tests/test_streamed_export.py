@@ -61,7 +61,8 @@ def _counting_layers(monkeypatch, model):
 
 
 @pytest.mark.parametrize("family,precision,plan", [("llama", "int4", "fast"), ("qwen2", "int4", "exact"),
-                                                   ("gemma3", "int8", "exact"), ("llama", "fp32", "exact")])
+                                                   ("gemma3", "int8", "exact"), ("llama", "fp32", "exact"),
+                                                   ("qwen2", "int4", "rtn")])
 def test_a_lazy_model_exports_layer_by_layer_to_the_whole_exports_artifact(family, precision, plan, tmp_path,
                                                                           monkeypatch):
     source = _saved(family, tmp_path / "dense")
@@ -88,6 +89,8 @@ def test_a_lazy_model_exports_layer_by_layer_to_the_whole_exports_artifact(famil
     if precision != "fp32":
         ta, tb = streamed["quantization"]["plan"]["tensors"], whole["quantization"]["plan"]["tensors"]
         assert ta == tb
+        if plan == "rtn":  # no calibration: every 4-bit weight rounded to nearest
+            assert {t["method"] for t in ta.values() if t["bits"] == 4} == {"rtn"}
 
 
 def test_a_pruned_expert_exports_layer_by_layer_with_its_widths(tmp_path):

@@ -34,7 +34,7 @@ from .package import (
 )
 from .passes import save_onnx
 from .precision import convert_precision
-from .quant_plan import DEFAULT_PLAN, PLANS, levels_of, worst_off_grid
+from .quant_plan import DEFAULT_PLAN, PLANS, gate_key, levels_of, worst_off_grid
 from .trace import export_onnx
 
 StepCallback = Callable[[str], None]
@@ -85,7 +85,7 @@ def export_model(
     starts ("trace", "graph passes", "parity fp32", "quantize int4", "parity int4", "package").
     `calibration`: documents (never the held-out ones) whose activations guide the quantization of weights on
     no 4-bit grid (GPTQ-style; default: the calibration documents of the expert recorded in `source`).
-    `quant_plan`: the int4 plan, "exact" or "fast" (export/quant_plan.py).
+    `quant_plan`: the int4 plan, "exact", "fast" or "rtn" (export/quant_plan.py).
     Returns the manifest (also written to `out/manifest.json`). Raises UserError on bad input or failed
     parity, leaving nothing behind; an error in the exporter or a library surfaces as itself."""
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def _calibration_texts(spec: str | None, plan: str = DEFAULT_PLAN) -> list[str]:
     from ..config.corpora import ExpertSpec, calibration_documents
 
     spec = spec or ("domain=general" if plan == "fast" else None)
-    if not spec:
+    if not spec or plan == "rtn":
         return []
 
     try:
@@ -228,7 +228,7 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
                    "held_out": {"spec": held_out or "domain=general",
                                 "documents_per_corpus": gate.HELD_OUT_DOCS, "tokens_per_document": gate.HELD_OUT_TOKENS},
                    "runtime": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
-                   "thresholds": {p: limits["int4-fast" if p == "int4" and plan == "fast" else p] for p in parity},
+                   "thresholds": {p: limits[gate_key(p, plan)] for p in parity},
                    **parity},
         "genai": genai,
         "timings_s": timings,
@@ -258,7 +258,7 @@ def _export_whole(model, tokenizer, profile, precision, attention, limits, tmp, 
         held_reference = gate.held_out_reference(model, tokenizer, texts)
         timings["held_out_reference"] = round(time.perf_counter() - t, 2)
         grams = _grams(model, tokenizer, calibration, timings, notes, plan) if precision == "int4" else {}
-        gate_limits = limits["int4-fast"] if precision == "int4" and plan == "fast" else limits[precision]
+        gate_limits = limits[gate_key(precision, plan)]
         quantization, parity[precision] = _quantize_and_gate(
             fp32_dir, tmp, precision, profile, reference, held_reference, gate_limits, timings, notes, step,
             grams, plan)

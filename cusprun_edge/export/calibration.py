@@ -43,7 +43,10 @@ def every_linear(model) -> list[str]:
 
 
 def calibrated_linears(model, plan: str) -> list[str]:
-    """The Linear modules an int4 plan quantizes GPTQ-style: every one (fast), or those on no 4-bit grid (exact)."""
+    """The Linear modules an int4 plan quantizes GPTQ-style: every one (fast), none (rtn), or those on no 4-bit grid
+    (exact)."""
+    if plan == "rtn":
+        return []
     return every_linear(model) if plan == "fast" else off_grid_linears(model)
 
 

@@ -78,6 +78,14 @@ def _tolerance(wb: np.ndarray) -> np.ndarray:
     return EXACT_ULPS * EPS32 * np.maximum(np.abs(wb).max(-1), np.finfo(np.float32).tiny)
 
 
+def _few_values(wb: np.ndarray, levels: int, tol: np.ndarray) -> np.ndarray:
+    """Blocks whose values fall in at most `levels` clusters (sorted neighbours further apart than 2 tol start a
+    new one): a block on a grid of `levels` codes has no more, so the others need no grid search. A bf16 weight's
+    blocks have 32 distinct values and skip the search (an 8B model's export: most of its rounding time)."""
+    gaps = np.diff(np.sort(wb, axis=-1), axis=-1) > 2 * tol[..., None]
+    return gaps.sum(-1) + 1 <= levels
+
+
 def affine_grid(wb: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Blocks [..., block] that are an affine grid base + j * step with j in 0 .. levels - 1.
 
@@ -89,8 +97,9 @@ def affine_grid(wb: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np
     codes = np.zeros(wb.shape, np.int64)
     step = np.ones(lo.shape)
     found = span <= tol  # constant block: code 0, any step
+    candidate = _few_values(wb, levels, tol)
     for n_steps in range(levels - 1, 0, -1):
-        todo = ~found
+        todo = ~found & candidate
         if not todo.any():
             break
         s = span[todo] / n_steps
@@ -110,10 +119,11 @@ def symmetric_grid(wb: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray, n
     amax = np.abs(wb).max(-1)
     tol = _tolerance(wb)
     found = amax <= tol
+    candidate = _few_values(wb, 2 * half, tol)
     codes = np.zeros(wb.shape, np.int64)
     step = np.ones(amax.shape)
     for top in (half - 1, half):  # the largest magnitude is code +-127 or -128
-        todo = ~found
+        todo = ~found & candidate
         if not todo.any():
             break
         s = amax[todo] / top

@@ -60,8 +60,11 @@ CALIBRATED = ("uint8", "gptq")
 # The int4 plans a build can choose (`--quant-plan`). "exact" keeps GGUF grids exactly (the offset form) and the
 # lm_head at 8 bits: closest to fp32, slower than plain int4. "fast" stores every weight in the forms ONNX Runtime's
 # CPU kernels run fastest (integer zero points, a symmetric 4-bit lm_head shared with the embedding), rounded
-# GPTQ-style on the expert's calibration documents: the bytes of the GenAI builder's int4, better rounded.
-PLANS = ("exact", "fast")
+# GPTQ-style on the expert's calibration documents: the bytes of the GenAI builder's int4, better rounded. "rtn" stores
+# what "fast" stores, rounded to nearest without calibration, as the GenAI builder rounds: the quickest to write (an
+# 8B model's weights in minutes on 2 cores where fitting takes an hour and GPTQ-style rounding half a day), the
+# least accurate.
+PLANS = ("exact", "fast", "rtn")
 DEFAULT_PLAN = "exact"
 # Fallback levels of the fast plan (the same gate walks them)
 FAST_LEVELS = (
@@ -69,6 +72,12 @@ FAST_LEVELS = (
     "int4 fast + the quarter of projections with the largest quantization error at 8 bits",
     "int4 fast + that quarter and the lm_head at 8 bits",
     "int4 fast + every projection at 8 bits",
+)
+RTN_LEVELS = (
+    "int4 rtn: every weight 4-bit round-to-nearest (integer zero points), lm_head 4-bit symmetric",
+    "int4 rtn + the quarter of projections with the largest quantization error at 8 bits",
+    "int4 rtn + that quarter and the lm_head at 8 bits",
+    "int4 rtn + every projection at 8 bits",
 )
 # Fallback levels of an int4 export, in order; the gate tries the next when one fails.
 INT4_LEVELS = (
@@ -131,7 +140,12 @@ def off_grid(weight: np.ndarray) -> bool:
 
 def levels_of(plan: str) -> tuple[str, ...]:
     """The fallback levels the gate walks for an int4 plan."""
-    return FAST_LEVELS if plan == "fast" else INT4_LEVELS
+    return {"fast": FAST_LEVELS, "rtn": RTN_LEVELS}.get(plan, INT4_LEVELS)
+
+
+def gate_key(precision: str, plan: str) -> str:
+    """The entry of parity.THRESHOLDS that gates `precision` under int4 plan `plan`."""
+    return "int4-fast" if precision == "int4" and plan in ("fast", "rtn") else precision
 
 
 def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, level: int = 0,
@@ -142,8 +156,8 @@ def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, 
     statistics, and their off-grid weights are quantized by CALIBRATED (GPTQ-style) unless `off_grid` is given.
     `worst`: module paths that level 1 stores at 8 bits (worst_off_grid of the level-0 record).
     `plan_name`: one of PLANS (int4 only)."""
-    if precision == "int4" and plan_name == "fast":
-        return _fast_plan(weights, level, calibrated, worst)
+    if precision == "int4" and plan_name in ("fast", "rtn"):
+        return _fast_plan(weights, level, calibrated if plan_name == "fast" else frozenset(), worst, plan_name)
     plan = {}
     for name, (path, weight, head) in weights.items():
         grid_off = off_grid or (CALIBRATED if name in calibrated else OFF_GRID)
@@ -168,12 +182,12 @@ def make_plan(weights: dict[str, tuple[str, np.ndarray, bool]], precision: str, 
     return plan
 
 
-def _fast_plan(weights, level, calibrated, worst) -> dict[str, TensorPlan]:
+def _fast_plan(weights, level, calibrated, worst, plan_name: str = "fast") -> dict[str, TensorPlan]:
     plan = {}
     for name, (path, weight, head) in weights.items():
-        method = "gptq" if name in calibrated else "fit"
+        method = "gptq" if name in calibrated else ("rtn" if plan_name == "rtn" else "fit")
         if level >= 3 or (head and level >= 2) or (not head and level >= 1 and path in worst):
-            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {FAST_LEVELS[level]}")
+            plan[name] = TensorPlan(8, "none", "rtn", f"fallback: {levels_of(plan_name)[level]}")
         elif head:
             plan[name] = TensorPlan(4, "none", method, f"lm_head 4-bit symmetric ({method}), shared with the embedding")
         else:

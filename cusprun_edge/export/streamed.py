@@ -39,7 +39,7 @@ from . import nbits, quant_plan
 from . import parity as gate
 from .common import DATA_FILE, MODEL_FILE, one_line
 from .package import context_length
-from .quant_plan import levels_of, worst_off_grid
+from .quant_plan import gate_key, levels_of, worst_off_grid
 from .trace import export_onnx
 from .weight_only import HALF_MIN_SIZE, module_path
 
@@ -327,7 +327,7 @@ def _quantize_by_layer(graph, writer, model, tokenizer, precision, level, plan_n
     for node in matmuls:
         by_layer.setdefault(_layer_of(paths[node.name]), []).append(node)
     n_layers = len(arch.decoder_layers(model))
-    calibrated = precision == "int4" and bool(calibration)
+    calibrated = precision == "int4" and plan_name != "rtn" and bool(calibration)
     grams_iter = _layer_grams(model, tokenizer, calibration) if calibrated else None
     plan_all, records, block_sums = {}, {}, {}
     for i in [*range(n_layers), None]:
@@ -440,7 +440,7 @@ def export_streamed(model, tokenizer, profile, precision, attention, limits, tmp
             timings[f"write_{precision}" + (f"_level{level}" if level else "")] = round(time.perf_counter() - t, 2)
             step(f"parity {precision}")
             t = time.perf_counter()
-            gate_limits = limits["int4-fast"] if precision == "int4" and plan == "fast" else limits[precision]
+            gate_limits = limits[gate_key(precision, plan)]
             try:
                 result = gate.check_parity(tmp / MODEL_FILE, reference, gate_limits)
             except Exception as exc:

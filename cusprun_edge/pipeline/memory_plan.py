@@ -10,6 +10,10 @@ head, Y: the largest decoder layer, F: the widest FFN, K: the FFN channels a lay
 - prune, one layer at a time: the same, the layer's two copies (the refit's work copy, a damage probe's), and
   the refit's float64 statistics of the widest FFN input (F x K, for the calibration and the held-apart
   documents) with the K x K systems of its ridge solves (three at a time);
+- export of a model over the size line (export/common.exports_layer_by_layer), one layer at a time: R, a few
+  copies of the layer (read, transposed, the rounding's float64 work copy, the packed codes), its input
+  statistics (float64, one per distinct input: 2 x hidden^2 + F^2), the calibration stream and ONNX Runtime's
+  session of the quantized artifact (about STREAMED_ARTIFACT x P bytes) for the gate;
 - a stage that holds the whole model (a ratio search or vocabulary trimming in prune, export, validate):
   WHOLE_FIXED plus WHOLE_FACTOR x P in float32 (export holds the model, its traced graph, the ONNX copy, the
   quantizer's statistics and ONNX Runtime sessions for the parity gate; validate the dense and the expert);
@@ -33,10 +37,16 @@ GB = 2**30
 BASE = 0.5 * GB
 WHOLE_FIXED = 3.5 * GB  # ONNX Runtime, onnx and the exporter's own state, whatever the model
 WHOLE_FACTOR = 1.5  # x the float32 model, for export and validate
+STREAMED_ARTIFACT = 0.6  # bytes per parameter of an int4 artifact (codes, scales, zero points) held by the gate
 
 
-def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, int]:
-    """Stage -> estimated peak bytes for this build (see the module's docstring)."""
+def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool, layerwise_export: bool | None = None) -> dict[str, int]:
+    """Stage -> estimated peak bytes for this build (see the module's docstring). `layerwise_export`: None decides by
+    the model's size, as the build does."""
+    from ..export.common import exports_layer_by_layer
+
+    if layerwise_export is None:
+        layerwise_export = exports_layer_by_layer(shape["params"])
     r = 4 * (shape["embedding"] + shape["head"])
     y = 4 * shape["layer"]
     f = shape["ffn"]
@@ -47,8 +57,11 @@ def estimate(cfg: BuildConfig, shape: dict, layerwise_prune: bool) -> dict[str, 
     slack = 1 * GB  # the prune's streams, corpora and the allocator's slack (SmolLM2-135M's prune: 2.3 GB)
     out = {"load": streamed, "score": streamed,
            "prune": streamed + 2 * y + refit + slack if layerwise_prune else whole + refit}
-    for stage in ("export", "validate"):
-        out[stage] = whole
+    hidden = shape["hidden"]
+    grams = (2 * hidden * hidden + f * f) * 8
+    out["export"] = (BASE + WHOLE_FIXED / 2 + r + 5 * y + grams + STREAMED_ARTIFACT * shape["params"] + slack
+                     if layerwise_export else whole)
+    out["validate"] = whole
     for stage in ("bench", "generate"):
         out[stage] = BASE + WHOLE_FIXED / 2 + 0.5 * 4 * shape["params"]
     return {name: int(v) for name, v in out.items()}
@@ -73,8 +86,8 @@ def check_memory(cfg: BuildConfig, limit: str) -> dict:
     over = [(name, b) for name, b in peaks.items() if b > budget]
     if over:
         name, need = max(over, key=lambda item: item[1])
-        hint = ("; score and prune run one layer at a time, export and validate still hold the whole model"
-                if name in ("export", "validate") else "")
+        hint = ("; score, prune and a large model's export run one layer at a time, validate still holds the whole "
+                "model" if name in ("export", "validate") else "")
         raise UserError(f"--max-memory {limit}: the {name} stage needs about {format_size(need)} for {cfg.model} "
                         f"(estimated from its shapes){hint}; allow more memory or choose a smaller model")
     return {name: round(b / GB, 2) for name, b in peaks.items()}
