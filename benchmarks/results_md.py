@@ -262,8 +262,8 @@ def _scale_section(s: dict) -> list[str]:
              "parameters, not 8.03B. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the "
              "whole model loaded first (scoring before the layer loop); `prune`: the CLI's default recipe at 25% "
              "(damage probes, refit, edits), one layer at a time, with the recipe options shown; `export`: the CLI's "
-             "int4 export of the dense stand-in, one layer at a time (exact plan: with no expert recorded, weights "
-             "off a 4-bit grid are fitted without calibration); `build`: the whole `build --target x86-cpu --ratio "
+             "int4 export of the dense stand-in, one layer at a time (rtn plan: 4-bit, rounded to nearest; "
+             "the others take hours at 8B on 2 cores); `build`: the whole `build --target x86-cpu --quant-plan rtn --ratio "
              "0.25`, its peak that of the build's process and of any child it waited for (the GenAI builder's baseline "
              "runs in one), each stage's own peak below the table.", "",
              "| model | parameters (B) | bf16 on disk GB | command | options | peak RSS GB | seconds | calibration tokens |",

@@ -6,9 +6,9 @@ Random weights say nothing about quality: these rows measure memory and time onl
 process under /usr/bin/time, so its peak is its own. "score" is the CLI (one decoder layer read from disk at a
 time); "score-whole" loads the whole model first, as scoring did before the layer loop, for comparison;
 "prune" is the CLI's default recipe at 25% (damage probes, refit, edits, one layer at a time); "export" is the
-CLI's int4 export of the dense stand-in (exact plan: with no expert recorded, weights off a 4-bit grid are fitted
-without calibration, one layer at a time); "build" is the whole `build --target x86-cpu --ratio 0.25` (load, score,
-prune, both exports one layer at a time, validate, bench, generate, report), with each stage's own peak and time
+CLI's int4 export of the dense stand-in with the rtn plan (4-bit, rounded to nearest, one layer at a time); "build" is the whole `build --target x86-cpu --ratio 0.25 --quant-plan rtn` (load,
+score, prune, both exports one layer at a time, validate, bench, generate, report; rtn because the fast plan's
+GPTQ-style rounding of two 1B models takes most of an hour on 2 cores), with each stage's own peak and time
 from its stage.json.
 The expert is `--docs` documents of the built-in general domain (a user corpus), so the time is stated per
 calibration token; the stage's memory barely depends on it (the activations carried between layers do).
@@ -95,14 +95,14 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
                 argv = [cli, "score", "--model", str(model), "--expert", expert, "--out", str(scores), "--force"]
             elif command == "score-whole":
                 argv = [sys.executable, "-c", _WHOLE, str(model), expert, str(WORK / f"{name}-score-whole.st")]
-            elif command == "export":
-                argv = [cli, "export", "--model", str(model), "--target", "x86-cpu", "--precision", "int4",
-                        "--quant-plan", "exact", "--out", str(WORK / f"{name}-int4"), "--force"]
+            elif command == "export":  # x86-cpu's 8 GB budget refuses an 8B int4 model: a 16 GB host's copy
+                argv = [cli, "export", "--model", str(model), "--target", str(_host_target(16000)), "--precision", "int4",
+                        "--quant-plan", "rtn", "--out", str(WORK / f"{name}-int4"), "--force"]
             elif command == "build":
                 build_dir = WORK / f"{name}-build"
                 shutil.rmtree(build_dir, ignore_errors=True)  # ours: a fresh build, not a resumed one
                 argv = [cli, "build", "--model", str(model), "--expert", expert, "--target", "x86-cpu",
-                        "--ratio", "0.25", "--out", str(build_dir)]
+                        "--ratio", "0.25", "--quant-plan", "rtn", "--out", str(build_dir)]
             else:  # the default recipe (damage probes, refit) at 25%, on the scores of the "score" row
                 argv = [cli, "prune", "--model", str(model), "--expert", expert, "--scores", str(scores),
                         "--ratio", "0.25", "--out", str(WORK / f"{name}-expert"), "--force",
@@ -118,10 +118,28 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
             row["tokens"] = sum(c.n_tokens for c in ScoreSet.load(scores).corpora.values())
             print(f"  {row}", flush=True)
             rows.append(row)
+            # rows another run wrote meanwhile are kept (two runs may share the file)
+            now = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+            keys = {(r["model"], r["command"]) for r in rows}
+            rows = [r for r in now if (r["model"], r["command"]) not in keys] + rows
             write_json("scale.json", {"machine": machine(), "rows": rows})
     from .results_md import write_results_md
 
     write_results_md()
+    return path
+
+
+def _host_target(budget_mb: int) -> Path:
+    """The x86-cpu profile with another memory budget (a larger host), as a profile file a user would write."""
+    from importlib.resources import files
+
+    text = (files("cusprun_edge") / "data" / "targets" / "x86-cpu.toml").read_text()
+    text = re.sub(r'(?m)^name = .*$', f'name = "x86-cpu-{budget_mb // 1000}gb"', text, count=1)
+    text = re.sub(r'(?m)^aliases = .*$', "aliases = []", text)
+    text = re.sub(r'(?m)^memory_budget_mb = .*$', f"memory_budget_mb = {budget_mb}", text)
+    path = WORK / f"x86-cpu-{budget_mb // 1000}gb.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return path
 
 
