@@ -264,13 +264,14 @@ def _scale_section(s: dict) -> list[str]:
              "(damage probes, refit, edits), one layer at a time, with the recipe options shown; `export`: the CLI's "
              "int4 export of the dense stand-in, one layer at a time (rtn plan: 4-bit, rounded to nearest; "
              "the others take hours at 8B on 2 cores); `build`: the whole `build --target x86-cpu --quant-plan rtn --ratio "
-             "0.25`, its peak that of the build's process and of any child it waited for (the GenAI builder's baseline "
-             "runs in one), each stage's own peak below the table.", "",
+             "0.25`, its peak the largest of its stages' own (below the table; each stage resets the kernel's high-water "
+             "mark, so /usr/bin/time's figure at exit can miss an earlier stage's).", "",
              "| model | parameters (B) | bf16 on disk GB | command | options | peak RSS GB | seconds | calibration tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['model']} | {r['params_b']} | {r['bf16_gb_on_disk']} | {r['command']} | "
                      f"{' '.join(r.get('options') or []) or '-'} | {r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
+    lines += ["", *[f"{r['model']} {r['command']}: {r['note']}" for r in s["rows"] if r.get("note")]]
     for r in s["rows"]:
         if r.get("stages"):
             lines += ["", f"`build` of {r['model']}, per stage (its own time and peak, from stage.json):", "",

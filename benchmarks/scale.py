@@ -113,6 +113,9 @@ def run(models: list[str], commands: list[str], n_docs: int, options: list[str] 
                    **timed(argv), "docs": n_docs, **({"options": options} if command == "prune" and options else {})}
             if command == "build":
                 row["stages"] = _stage_figures(WORK / f"{name}-build")
+                # each stage resets the kernel's high-water mark (measure/memory.py), and the one /usr/bin/time reads
+                # at exit then misses an earlier stage's peak: the build's peak is the largest of them all
+                row["peak_rss_gb"] = max([row["peak_rss_gb"]] + [v["peak_rss_gb"] for v in row["stages"].values()])
             from cusprun_edge.prune.score import ScoreSet
 
             row["tokens"] = sum(c.n_tokens for c in ScoreSet.load(scores).corpora.values())

@@ -47,9 +47,9 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
 
     kind, where = resolve_source(str(source))
     if kind == "expert":
-        from .expert_io import load_expert
+        from .load import checked_expert
 
-        return load_expert(where, lazy=True)
+        return checked_expert(where, lazy=True)
     directory = _source_dir(source)
     if directory is None or trust_remote_code:
         return load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)

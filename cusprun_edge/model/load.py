@@ -236,6 +236,17 @@ def resolve_source(source: str) -> tuple[str, Path | str]:
     )
 
 
+def checked_expert(where: Path, **kwargs):
+    """load_expert(where, **kwargs) with a broken expert refused in one line (its config checked first)."""
+    _check_config(where / "config.json")
+    try:
+        return load_expert(where, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # a truncated weight file, a config transformers cannot build: one line
+        raise UserError(f"could not load the expert {where}: {first_line(exc)}; is it complete?") from None
+
+
 def load_model(
     source: str = DEFAULT_MODEL,
     *,
@@ -252,13 +263,7 @@ def load_model(
             "pass a local directory, a .gguf file or an embedded model name"
         )
     if kind == "expert":
-        _check_config(where / "config.json")
-        try:
-            return load_expert(where, dtype=dtype, device=device)
-        except UserError:
-            raise
-        except Exception as exc:  # a truncated weight file, a config transformers cannot build: one line
-            raise UserError(f"could not load the expert {where}: {first_line(exc)}; is it complete?") from None
+        return checked_expert(where, dtype=dtype, device=device)
     if kind == "embedded":
         where = convert_gguf(EMBEDDED[where].locate())
     elif kind == "gguf":

@@ -403,7 +403,7 @@ class GGUFStage(Stage):
         from ..model.expert_io import load_expert
 
         ctx.progress.start("gguf: export", total=6)
-        expert, etok = load_expert(ctx.stage_dir("prune") / "expert", lazy=layer_by_layer)
+        expert, etok = load_expert(ctx.stage_dir("prune") / "expert")
         source = source_gguf_for(ctx.config.model)
         manifest = export_gguf(expert, etok, work / "expert", source=ctx.config.model, source_gguf=source)
         ctx.progress.update(advance=1)
