@@ -37,6 +37,7 @@ from ..model import arch
 from ..model.shards import layers_streamed, materialized, reader_of
 from . import nbits, quant_plan
 from . import parity as gate
+from .calibration import gram_for
 from .common import DATA_FILE, MODEL_FILE, one_line
 from .package import context_length
 from .quant_plan import gate_key, levels_of, worst_off_grid
@@ -293,8 +294,6 @@ def write_weights(onnx_model, model, tokenizer, directory: Path, precision: str,
     """Quantize (int4/int8) the traced graph's MatMul weights layer by layer, as they are read from disk, and
     write every initializer to `directory`'s data file; save the graph. Returns the quantization record (None
     for fp32)."""
-    from .calibration import gram_for
-
     graph = onnx_model.graph
     writer = DataWriter(directory)
     try:
@@ -303,7 +302,7 @@ def write_weights(onnx_model, model, tokenizer, directory: Path, precision: str,
             onnx_model.opset_imports.setdefault("com.microsoft", 1)
             _fold_constant_transposes(graph)
             record = _quantize_by_layer(graph, writer, model, tokenizer, precision, level, plan_name,
-                                        calibration or [], worst, accuracy_level, on_layer, gram_for)
+                                        calibration or [], worst, accuracy_level, on_layer)
             if _share_embedding(graph):
                 record["embedding"] = "the lm_head's quantized weight (GatherBlockQuantized)"
         for value in list(graph.initializers.values()):
@@ -320,7 +319,7 @@ def write_weights(onnx_model, model, tokenizer, directory: Path, precision: str,
 
 
 def _quantize_by_layer(graph, writer, model, tokenizer, precision, level, plan_name, calibration, worst,
-                       accuracy_level, on_layer, gram_for) -> dict:
+                       accuracy_level, on_layer) -> dict:
     matmuls = constant_matmuls(graph)
     paths = {n.name: module_path(n.name, n.metadata_props.get("pkg.torch.onnx.name_scopes", "")) for n in matmuls}
     by_layer: dict[int | None, list[ir.Node]] = {}

@@ -41,9 +41,7 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     """(model, tokenizer) with the decoder layers left on disk (see the module's docstring). A source that
     cannot be read lazily loads eagerly (load.load_model), which every sweep also accepts."""
     from .expert_io import quiet_transformers
-    from .load import load_model
-
-    from .load import resolve_source
+    from .load import load_model, resolve_source
 
     kind, where = resolve_source(str(source))
     if kind == "expert":
