@@ -96,17 +96,7 @@ def binder(model):
         # a norm's few values may fold (Gemma's 1 + weight) as on a whole model; a weight matrix may not
         optimize_ir(onnx_model, should_fold=lambda node: False if any(
             lazy(v) and v.const_value.size > FOLD_LIMIT for v in node.inputs) else None)
-        for node in list(graph):
-            if node.op_type != "Transpose" or not lazy(node.inputs[0]) or len(node.inputs[0].uses()) != 1:
-                continue
-            source = node.inputs[0]
-            perm = list(node.attributes.get_ints("perm", []))
-            folded = ir.Value(name=f"{source.name}.transposed", const_value=_transposed(source.const_value, perm),
-                              shape=ir.Shape([source.shape[p] for p in perm]), type=ir.TensorType(ir.DataType.FLOAT))
-            graph.register_initializer(folded)
-            ir.convenience.replace_all_uses_with(node.outputs[0], folded)
-            graph.remove(node, safe=True)
-            graph.initializers.pop(source.name)
+        _fold_transposes(graph, lambda value: lazy(value) and len(value.uses()) == 1)
     return bind
 
 
@@ -142,17 +132,20 @@ def _stored(graph, writer: DataWriter, name: str, array: np.ndarray) -> ir.Value
     return _initializer(graph, name, tensor)
 
 
-def _fold_constant_transposes(graph) -> None:
-    """Transpose(initializer) -> a lazily transposed initializer, so the quantizer sees a constant weight: a tied
-    lm_head is MatMul(x, Transpose(embedding)) (weight_only.fold_weight_transposes on a whole graph)."""
+def _fold_transposes(graph, which=lambda value: True) -> None:
+    """Transpose(initializer) -> a lazily transposed initializer, for the initializers `which` accepts: a weight read
+    from disk (nn.Linear's is [N, K]); for the quantizer, any constant, since a tied lm_head is
+    MatMul(x, Transpose(embedding)) (weight_only.fold_weight_transposes on a whole graph)."""
     for node in list(graph):
         source = node.inputs[0] if node.op_type == "Transpose" else None
-        if source is None or source.const_value is None or source.name not in graph.initializers:
+        if source is None or source.const_value is None or source.name not in graph.initializers or not which(source):
             continue
         perm = list(node.attributes.get_ints("perm", []))
         folded = _initializer(graph, f"{source.name}.transposed", _transposed(source.const_value, perm))
         ir.convenience.replace_all_uses_with(node.outputs[0], folded)
         graph.remove(node, safe=True)
+        if not source.uses():
+            graph.initializers.pop(source.name)
 
 
 def constant_matmuls(graph) -> list[ir.Node]:
@@ -300,7 +293,7 @@ def write_weights(onnx_model, model, tokenizer, directory: Path, precision: str,
         record = None
         if precision in ("int4", "int8"):
             onnx_model.opset_imports.setdefault("com.microsoft", 1)
-            _fold_constant_transposes(graph)
+            _fold_transposes(graph)
             record = _quantize_by_layer(graph, writer, model, tokenizer, precision, level, plan_name,
                                         calibration or [], worst, accuracy_level, on_layer)
             if _share_embedding(graph):
