@@ -35,14 +35,14 @@ import torch
 from ..errors import UserError
 from ..model import arch
 from ..model.shards import layers_streamed, materialized, reader_of
-from . import nbits, quant_plan
 from . import parity as gate
+from . import quant_plan
 from .calibration import gram_for
 from .common import DATA_FILE, MODEL_FILE, one_line
 from .package import context_length
 from .quant_plan import gate_key, levels_of, worst_off_grid
 from .trace import export_onnx
-from .weight_only import HALF_MIN_SIZE, module_path
+from .weight_only import HALF_MIN_SIZE, module_path, quantize_group
 
 FOLD_LIMIT = 8192  # values of a weight read from disk that constant folding may still read into memory
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -345,20 +345,10 @@ def _quantize_by_layer(graph, writer, model, tokenizer, precision, level, plan_n
                               []).append(node)
         for group in groups.values():
             entry = plan[group[0].name]
-            parts = []
-            for node in group:
-                weight = weights[node.name][1]
-                gram = by_matmul.get(node.name)
-                q = quant_plan.quantize_entry(weight, entry, gram)
-                records[node.name] = {"exact_blocks": q.exact_blocks, "blocks": q.blocks,
-                                      "max_abs_error": q.max_abs_error, "rel_rms_error": q.rel_rms_error}
-                if gram is not None:
-                    records[node.name]["output_error"] = nbits.output_error(weight, q, gram)
-                parts.append((weight.shape[1], nbits.pack(q)))
-            packed = {key: np.concatenate([p[key] for _, p in parts], axis=1 if key == "offsets" else 0)
-                      for key in parts[0][1]}
+            widths, packed = quantize_group([(node.name, weights[node.name][1]) for node in group], entry,
+                                            by_matmul, records)
             weight_values = [node.inputs[1] for node in group]
-            _replace(graph, writer, group, [w for w, _ in parts], packed, entry, accuracy_level, block_sums)
+            _replace(graph, writer, group, widths, packed, entry, accuracy_level, block_sums)
             for value in weight_values:
                 if not value.uses() and value.name in graph.initializers:
                     graph.initializers.pop(value.name)

@@ -67,24 +67,32 @@ def apply_plan(proto, plan: dict, accuracy_level: int,
     records = {}
     for names in groups.values():
         entry = plan[names[0]]
-        parts = []
-        for name in names:
-            weight = numpy_helper.to_array(matmuls[name][1])
-            q = quant_plan.quantize_entry(weight, entry, (grams or {}).get(name), (importance or {}).get(name))
-            records[name] = {"exact_blocks": q.exact_blocks, "blocks": q.blocks,
-                             "max_abs_error": q.max_abs_error, "rel_rms_error": q.rel_rms_error}
-            if grams and name in grams:
-                records[name]["output_error"] = nbits.output_error(weight, q, grams[name])
-            parts.append((weight.shape[1], nbits.pack(q)))
-        packed = {key: np.concatenate([p[key] for _, p in parts], axis=1 if key == "offsets" else 0)
-                  for key in parts[0][1]}
-        _replace(proto, [matmuls[n][0] for n in names], [n for n, _ in parts], packed, entry, accuracy_level,
-                 block_sums)
+        weights = [(name, numpy_helper.to_array(matmuls[name][1])) for name in names]
+        widths, packed = quantize_group(weights, entry, grams or {}, records, importance or {})
+        _replace(proto, [matmuls[n][0] for n in names], widths, packed, entry, accuracy_level, block_sums)
         for name in names:
             weight_init = matmuls[name][1]
             if not any(weight_init.name in n.input for n in proto.graph.node):
                 proto.graph.initializer.remove(inits[weight_init.name])
     return records
+
+
+def quantize_group(weights: list[tuple[str, np.ndarray]], entry, grams: dict, records: dict,
+                   importance: dict | None = None) -> tuple[list[int], dict[str, np.ndarray]]:
+    """MatMul weights [K, N] that share one MatMulNBits (one input, one plan entry), quantized and packed side by
+    side; each one's record (exact blocks, errors, and its output error where it has input statistics) goes into
+    `records`. Returns (their widths, the packed arrays). The whole-graph and layer-by-layer exports both use it."""
+    parts = []
+    for name, weight in weights:
+        q = quant_plan.quantize_entry(weight, entry, grams.get(name), (importance or {}).get(name))
+        records[name] = {"exact_blocks": q.exact_blocks, "blocks": q.blocks,
+                         "max_abs_error": q.max_abs_error, "rel_rms_error": q.rel_rms_error}
+        if name in grams:
+            records[name]["output_error"] = nbits.output_error(weight, q, grams[name])
+        parts.append((weight.shape[1], nbits.pack(q)))
+    packed = {key: np.concatenate([p[key] for _, p in parts], axis=1 if key == "offsets" else 0)
+              for key in parts[0][1]}
+    return [width for width, _ in parts], packed
 
 
 def _replace(proto, nodes, widths, packed, entry, accuracy_level, block_sums) -> None:

@@ -135,10 +135,10 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu", *
     vocab = getattr(config, "cusprun_vocab", None)
     if vocab:
         shape_vocab_like(model, vocab)
+    layers = arch.spec_for(model).layers + "."  # a lazy expert's decoder layers stay on disk
     if lazy:
         reader = ShardReader(path)
-        prefix = arch.spec_for(model).layers + "."
-        state = {name: reader.tensor(name) for name in reader.names() if not name.startswith(prefix)}
+        state = {name: reader.tensor(name) for name in reader.names() if not name.startswith(layers)}
         setattr(model, READER_ATTR, reader)
     else:
         state = _read_state_dict(path)
@@ -149,8 +149,7 @@ def load_expert(path, dtype: torch.dtype = torch.float32, device: str = "cpu", *
             arch.get(model, spec.lm_head).inner.weight = arch.get(model, spec.embed).inner.weight
     else:
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta
-                  and not (lazy and n.startswith(arch.spec_for(model).layers + "."))]
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not (lazy and n.startswith(layers))]
     if result.unexpected_keys or still_meta:
         raise UserError(
             f"{path}: weights do not match the recorded structure "

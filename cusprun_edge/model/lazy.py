@@ -41,12 +41,10 @@ def lazy_model(source: str, *, trust_remote_code: bool = False, allow_pickle: bo
     """(model, tokenizer) with the decoder layers left on disk (see the module's docstring). A source that
     cannot be read lazily loads eagerly (load.load_model), which every sweep also accepts."""
     from .expert_io import quiet_transformers
-    from .load import load_model, resolve_source
+    from .load import checked_expert, load_model, resolve_source
 
     kind, where = resolve_source(str(source))
     if kind == "expert":
-        from .load import checked_expert
-
         return checked_expert(where, lazy=True)
     directory = _source_dir(source)
     if directory is None or trust_remote_code:
