@@ -261,16 +261,17 @@ def _scale_section(s: dict) -> list[str]:
              f"last run {m['date']}. The stand-ins use SmolLM2's tokenizer (49,152 tokens), so the 8B one has 7.38B "
              "parameters, not 8.03B. `score`: the CLI, one decoder layer read from disk at a time; `score-whole`: the "
              "whole model loaded first (scoring before the layer loop); `prune`: the CLI's default recipe at 25% "
-             "(damage probes, refit, edits), one layer at a time, with the recipe options shown; `export`: the CLI's "
-             "int4 export of the dense stand-in, one layer at a time (rtn plan: 4-bit, rounded to nearest; "
-             "the others take hours at 8B on 2 cores); `build`: the whole `build --target x86-cpu --quant-plan rtn --ratio "
+             "(damage probes, refit, edits), one layer at a time, with the recipe options shown; `export`: the "
+             "int4 export of the dense stand-in (Python API), one layer at a time (rtn plan: 4-bit, rounded to nearest; "
+             "the others take hours at 8B on 2 cores), its gate's limits opened since random weights fail any 4-bit "
+             "gate: the artifact measured is the first level's, the one a real model ships when it passes; `build`: the whole `build --target x86-cpu --quant-plan rtn --ratio "
              "0.25`, its peak the largest of its stages' own (below the table; each stage resets the kernel's high-water "
              "mark, so /usr/bin/time's figure at exit can miss an earlier stage's).", "",
              "| model | parameters (B) | bf16 on disk GB | command | options | peak RSS GB | seconds | calibration tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         lines.append(f"| {r['model']} | {r['params_b']} | {r['bf16_gb_on_disk']} | {r['command']} | "
-                     f"{' '.join(r.get('options') or []) or '-'} | {r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
+                     f"{'; '.join(r.get('options') or []) or '-'} | {r['peak_rss_gb']} | {r['seconds']} | {r['tokens']} |")
     lines += ["", *[f"{r['model']} {r['command']}: {r['note']}" for r in s["rows"] if r.get("note")]]
     for r in s["rows"]:
         if r.get("stages"):
