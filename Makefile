@@ -45,11 +45,15 @@ browser:
 demo: install
 	$(BIN)/cusprun-edge build --target x86-cpu --out build/demo
 
+# two pytest-xdist workers, one torch thread each (tests/conftest.py): much of the suite is single-threaded
+# (tracing, graph passes, subprocess start-up), so two at once fill both cores
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration and not browser"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not integration and not browser"
 
 bench: install
 	$(BIN)/python -m benchmarks

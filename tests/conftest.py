@@ -7,10 +7,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs two pytest-xdist workers on this 2-core machine: each gets one thread for torch
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "cusprun-edge")
+
+
+def pytest_configure(config):
+    """Convert the embedded SmolLM2 once, before xdist starts its workers: two workers converting it at the same
+    time would each replace the other's cache directory."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", None) in (None, 0):
+        return
+    from cusprun_edge.model.load import EMBEDDED, convert_gguf
+
+    entry = EMBEDDED["smollm2-135m"]
+    try:
+        path = entry.locate()
+    except Exception:  # not installed: the integration tests say so themselves
+        return
+    convert_gguf(path)
 
 
 @pytest.fixture(scope="session")

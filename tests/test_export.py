@@ -83,9 +83,17 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Each case exported once: {case: (model, tokenizer, out dir, manifest)}."""
+    """Each case exported once, each traced for real: {case: (model, tokenizer, out dir, manifest)}. (A graph of
+    the same tiny model that another test left in the user cache would skip the graph passes.)"""
     done = {}
     root = tmp_path_factory.mktemp("exports")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUSPRUN_EDGE_TRACE_CACHE", "0")
+        _export_cases(root, done)
+    return done
+
+
+def _export_cases(root, done) -> None:
     for case, (family, prune, target, precision) in CASES.items():
         model, tok = pruned(family, uniform_kv=prune != "kv") if prune else tiny_model(family)
         out = root / case
@@ -94,7 +102,6 @@ def exports(tmp_path_factory):
                                 on_step=steps.append)
         manifest["steps_heard"] = steps
         done[case] = (model, tok, out, manifest)
-    return done
 
 
 def test_export_reports_its_steps(exports):

@@ -66,8 +66,9 @@ def lookup(key: str, directory: Path) -> dict | None:
         return None
     try:
         record = json.loads(info.read_text())
-        for name in (MODEL_FILE, DATA_FILE):
-            _copy(entry / name, directory / name)
+        # the files it was stored with, each required: another process may be dropping this entry meanwhile
+        for name in record.get("files", (MODEL_FILE,)):
+            shutil.copyfile(entry / name, directory / name)
     except (OSError, json.JSONDecodeError):
         return None
     os.utime(info)  # most recently used
@@ -84,9 +85,10 @@ def store(key: str, directory: Path, record: dict) -> None:
         tmp = base / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for name in (MODEL_FILE, DATA_FILE):
-            _copy(directory / name, tmp / name)
-        (tmp / INFO_FILE).write_text(json.dumps({**record, "stored": time.time()}))
+        files = [name for name in (MODEL_FILE, DATA_FILE) if (directory / name).exists()]  # small graphs: no data
+        for name in files:
+            shutil.copyfile(directory / name, tmp / name)  # not a hard link: onnx refuses external data with several
+        (tmp / INFO_FILE).write_text(json.dumps({**record, "files": files, "stored": time.time()}))
         final = base / key
         if final.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -95,14 +97,12 @@ def store(key: str, directory: Path, record: dict) -> None:
     except OSError:
         shutil.rmtree(base / f".{key}.tmp-{os.getpid()}", ignore_errors=True)
         return  # a full disk or a read-only cache costs a trace next time, nothing else
-    entries = sorted((p for p in base.iterdir() if (p / INFO_FILE).is_file()), key=lambda p: (p / INFO_FILE).stat().st_mtime)
-    for old in entries[:-KEEP]:
+    used = {}
+    for entry in base.iterdir():
+        try:
+            used[entry] = (entry / INFO_FILE).stat().st_mtime
+        except OSError:  # not an entry, or one another process is dropping
+            continue
+    for old in sorted(used, key=used.get)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _copy(src: Path, dst: Path) -> None:
-    if not src.exists():
-        if src.name == DATA_FILE:
-            return  # a graph small enough to hold its weights inline
-        raise FileNotFoundError(src)
-    shutil.copyfile(src, dst)  # not a hard link: onnx refuses external data with several links
