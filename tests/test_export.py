@@ -526,6 +526,22 @@ def test_int4_quantizes_off_grid_weights_on_calibration_documents(tmp_path):
     assert plain["quantization"]["plan"]["tensors"]["model.layers.0.mlp.down_proj"]["method"] == "fit"
 
 
+@pytest.mark.parametrize("expert", ["language=en,domain=general", "domain=code", None])
+def test_the_int4_gate_reads_neither_the_eval_split_nor_the_rounding_documents(expert):
+    """The gate picks the fallback level, a decision: its text is the held-apart calibration documents of the
+    general domain and of the expert's corpora, none of which the eval split or the GPTQ statistics contain."""
+    from cusprun_edge.config.corpora import ExpertSpec, calibration_documents
+    from cusprun_edge.export.parity import HELD_OUT_DOCS, held_out_texts
+
+    corpora = {**ExpertSpec.parse("domain=general").corpora(), **ExpertSpec.parse(expert or "domain=general").corpora()}
+    gate = held_out_texts(expert)
+    evals = {t for c in corpora.values() for t in c.eval}
+    tunes = {t for c in corpora.values() for t in c.tune}
+    assert gate and set(gate) <= tunes and not set(gate) & evals
+    assert not set(gate) & set(calibration_documents(corpora))
+    assert len(gate) == sum(min(HELD_OUT_DOCS, len(c.tune)) for c in corpora.values())
+
+
 def test_a_traced_graph_is_reused_only_for_the_same_model(tmp_path, monkeypatch):
     """The second export of the same weights takes the traced fp32 graph from the cache (byte for byte the
     graph a fresh trace gives, gated on parity again); changed weights are traced anew."""

@@ -216,8 +216,9 @@ class ExpertSpec:
 
 
 def calibration_documents(corpora: dict[str, Corpus]) -> list[str]:
-    """Every document an expert may be fitted on (scoring and held-apart ones), never its eval split."""
-    return [t for c in corpora.values() for t in (*c.calib, *c.tune)]
+    """The documents an export fits its rounding on: the scoring ones. The held-apart ones (`tune`) judge that
+    rounding in the export's gate, and the eval split judges the artifact."""
+    return [t for c in corpora.values() for t in c.calib]
 
 
 def all_builtin_corpora() -> dict[str, Corpus]:

@@ -159,7 +159,7 @@ def _held_out_spec(source: str | None, held_out: str | None) -> str | None:
 
 
 def _calibration_texts(spec: str | None, plan: str = DEFAULT_PLAN) -> list[str]:
-    """The expert's calibration documents (scoring and held-apart ones; never its eval split). The fast plan
+    """The expert's scoring documents (the gate reads the held-apart ones; nothing reads its eval split). The fast plan
     rounds every weight on them, so a model with no recorded expert is calibrated on the general domain's."""
     from ..config.corpora import ExpertSpec, calibration_documents
 
@@ -225,7 +225,7 @@ def _build(model, tokenizer, profile, precision, attention, limits, tmp, memory,
         "pruned": getattr(model.config, "cusprun_structure", None) is not None,
         "memory_estimate_mb": memory,
         "parity": {"prompts": list(gate.PARITY_PROMPTS), "decode_steps": gate.DECODE_STEPS,
-                   "held_out": {"spec": held_out or "domain=general",
+                   "held_out": {"spec": held_out or "domain=general", "split": gate.HELD_OUT_SPLIT,
                                 "documents_per_corpus": gate.HELD_OUT_DOCS, "tokens_per_document": gate.HELD_OUT_TOKENS},
                    "runtime": "onnxruntime CPUExecutionProvider", "reference": "PyTorch fp32",
                    "thresholds": {p: limits[gate_key(p, plan)] for p in parity},

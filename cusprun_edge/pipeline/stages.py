@@ -227,8 +227,8 @@ class ExportStage(Stage):
 
         from ..config.corpora import ExpertSpec, calibration_documents
 
-        # the gate reads the expert's eval split beside the general one; weights on no 4-bit grid are quantized
-        # on the expert's calibration documents (scoring and held-apart ones)
+        # weights the plan re-rounds are fitted on the expert's scoring documents; the gate judges them on the
+        # held-apart ones, the general domain's beside the expert's (export/parity.py)
         calibration = calibration_documents(ExpertSpec.parse(ctx.config.expert).corpora())
         ctx.progress.start("export dense", total=2)
         layer_by_layer = exports_streamed(ctx.config)  # too large to hold whole: one decoder layer at a time
