@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..model import arch
+from ..model.sequential import Stop
 from . import quant_plan
 
 # Up to this many documents, taken evenly across the expert's corpora: on the 25% en+general SmolLM2 expert,
@@ -64,7 +67,14 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
             grams[name] += (x.T @ x).double()  # a batch's sum in fp32 (a few thousand tokens), the total in fp64
         return record
 
+    def stop(module, args):
+        raise Stop
+
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    # the logits are not needed: the forward stops at the lm_head's input, after its own statistics (if any)
+    head = _lm_head(model)
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(stop))
     device = next(model.parameters()).device
     try:
         if len(texts) > MAX_DOCUMENTS:  # evenly spaced, so every corpus of the expert is represented
@@ -73,12 +83,22 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
             enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_tokens)
             mask["flat"] = enc["attention_mask"].reshape(-1).bool().to(device)
-            model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                  use_cache=False)
+            try:
+                model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                      use_cache=False)
+            except Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
     return {n: g.numpy() for n, g in grams.items()}
+
+
+def _lm_head(model) -> torch.nn.Module | None:
+    try:
+        return arch.get(model, arch.spec_for(model).lm_head)
+    except (AttributeError, UserError):  # an architecture outside the table: the whole forward runs
+        return None
 
 
 def gram_for(grams: dict[str, np.ndarray], path: str) -> np.ndarray | None:
