@@ -211,3 +211,31 @@ def test_cli_bench_artifact_without_manifest(tmp_path):
 def test_cli_bench_bad_threads(tiny_artifacts):
     proc = run_cli("bench", "--artifact", tiny_artifacts["expert_art"], "--threads", "0")
     assert_one_line_error(proc, "--threads")
+
+
+@pytest.mark.integration
+def test_onnx_logits_fn_runs_the_builders_sliding_window_graph_from_an_empty_cache(tmp_path, monkeypatch):
+    """The GenAI builder's Gemma 3 graph shares past and present buffers in its sliding-window layers, and ONNX
+    Runtime refuses it an empty past (capacity 0 < the window). The runtime feeds zeros of the window's length,
+    which the attention mask leaves unread: its logits equal PyTorch's."""
+    from tiny import tiny_model
+
+    from cusprun_edge.measure.baseline import builder_artifact
+    from cusprun_edge.measure.runtime import OnnxCausalLM
+
+    monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny_model("gemma3")
+    model.save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    lm = OnnxCausalLM(builder_artifact(str(tmp_path / "gemma"), precision="fp32"))
+    torch.manual_seed(2)
+    ids = torch.randint(3, 300, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    got = lm.logits_fn(ids, mask)
+    assert lm.past_capacity == model.config.sliding_window  # the builder's graph needed the window
+    with torch.no_grad():
+        for b in range(2):
+            keep = mask[b].bool()
+            want = model(ids[b][keep][None]).logits[0]
+            assert torch.allclose(got[b][keep], want, atol=1e-3), b

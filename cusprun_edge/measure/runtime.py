@@ -160,6 +160,9 @@ class OnnxCausalLM:
             if not isinstance(d, int):
                 d = io["head_dim"]
             self.kv_shapes.append((h, d))
+        self.past_capacity = 0  # see empty_past
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
         genai = self.manifest.get("genai") or {}
         self.context_length = genai.get("context_length") or target.get("max_sequence_length")
 
@@ -168,8 +171,11 @@ class OnnxCausalLM:
         """False when ONNX Runtime fell back to CPU because the requested provider did not initialise."""
         return bool(self.active_providers) and self.active_providers[0] == self.provider
 
-    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, h, 0, d), self.kv_dtype) for h, d in self.kv_shapes]
+    def empty_past(self, batch: int = 1, new: int = 0) -> list[np.ndarray]:
+        """No cached token: zero-length buffers, or zeros of the capacity a shared-buffer sliding window wants
+        (`past_capacity`, set on first need), which the attention mask leaves unread."""
+        length = max(self.past_capacity, new) if self.past_capacity else 0
+        return [np.zeros((batch, h, length, d), self.kv_dtype) for h, d in self.kv_shapes]
 
     def forward(self, ids: np.ndarray, past: list[np.ndarray] | None = None, past_len: int = 0):
         """ids [B, T] after `past_len` cached tokens -> (logits [B, T, V] float32, present list)."""
@@ -179,8 +185,18 @@ class OnnxCausalLM:
                 "attention_mask": np.ones((batch, past_len + new), np.int64),
                 "position_ids": np.arange(past_len, past_len + new, dtype=np.int64)[None].repeat(batch, 0)}
         feed = {k: v for k, v in feed.items() if k in self.input_names}
-        feed.update({i.name: p for i, p in zip(self.past_inputs, past if past is not None else self.empty_past(batch))})
-        logits, *present = self.session.run(self.output_names, feed)
+        feed.update({i.name: p for i, p in zip(self.past_inputs, past if past is not None else self.empty_past(batch, new))})
+        try:  # errors raise with their message; ONNX Runtime's own log of them is kept off the console
+            logits, *present = self.session.run(self.output_names, feed, self.run_options)
+        except Exception as exc:  # noqa: BLE001 - only the one case below is handled; the rest re-raised
+            # The GenAI builder's Gemma 3 graph shares past and present buffers in its sliding-window layers, and
+            # ONNX Runtime then wants a past buffer at least as long as the window even when nothing is cached.
+            if past is not None or self.past_capacity or "capacity" not in str(exc):
+                raise
+            self.past_capacity = _local_window(self.path / MODEL_FILE)
+            if not self.past_capacity:
+                raise
+            return self.forward(ids, None, past_len)
         return logits.astype(np.float32, copy=False), present
 
     @property
@@ -226,6 +242,15 @@ class OnnxCausalLM:
                 break
             ids = np.array([[token]], np.int64)
         return new
+
+
+def _local_window(model_file: Path) -> int:
+    """The largest sliding window of the graph's GroupQueryAttention nodes (0: none)."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return max((a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+                if a.name == "local_window_size"), default=0)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime GenAI
