@@ -216,18 +216,19 @@ def test_cli_bench_bad_threads(tiny_artifacts):
 @pytest.mark.integration
 def test_onnx_logits_fn_runs_the_builders_sliding_window_graph_from_an_empty_cache(tmp_path, monkeypatch):
     """The GenAI builder's Gemma 3 graph shares past and present buffers in its sliding-window layers, and ONNX
-    Runtime refuses it an empty past (capacity 0 < the window). The runtime feeds zeros of the window's length,
+    Runtime refuses it buffers shorter than the window (an empty past; GenAI's max_length-sized ones). The runtime feeds zeros of the window's length,
     which the attention mask leaves unread: its logits equal PyTorch's."""
     from tiny import tiny_model
 
     from cusprun_edge.measure.baseline import builder_artifact
-    from cusprun_edge.measure.runtime import OnnxCausalLM
+    from cusprun_edge.measure.runtime import GenaiCausalLM, OnnxCausalLM
 
     monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
     model, tok = tiny_model("gemma3")
     model.save_pretrained(tmp_path / "gemma")
     tok.save_pretrained(tmp_path / "gemma")
-    lm = OnnxCausalLM(builder_artifact(str(tmp_path / "gemma"), precision="fp32"))
+    artifact = builder_artifact(str(tmp_path / "gemma"), precision="fp32")
+    lm = OnnxCausalLM(artifact)
     torch.manual_seed(2)
     ids = torch.randint(3, 300, (2, 40))
     mask = torch.ones(2, 40, dtype=torch.long)
@@ -239,3 +240,14 @@ def test_onnx_logits_fn_runs_the_builders_sliding_window_graph_from_an_empty_cac
             keep = mask[b].bool()
             want = model(ids[b][keep][None]).logits[0]
             assert torch.allclose(got[b][keep], want, atol=1e-3), b
+    # GenAI sizes the buffers by max_length, so a short generation there needs them as long as the window too
+    genai = GenaiCausalLM(artifact)
+    steps: list[float] = []
+    new = genai.generate(list(range(20, 30)), 6, step_seconds=steps)
+    assert genai.buffer_length == model.config.sliding_window and len(steps) == 6
+    assert new == lm.generate(list(range(20, 30)), 6)
+    assert genai.prefill(list(range(20, 30))) > 0
+    from cusprun_edge.measure.generate import generate_texts
+
+    answers = generate_texts(artifact, ["def add(a, b):"], max_new_tokens=5)
+    assert 1 <= answers[0]["tokens"] <= 5

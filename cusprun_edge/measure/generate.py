@@ -92,23 +92,28 @@ def generate_texts(artifact, prompts: list[str], *, max_new_tokens: int = MAX_NE
     out = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
         length = min(len(ids) + max_new_tokens, runner.context_length)
-        params.set_search_options(max_length=length, do_sample=False)
-        generator = og.Generator(model, params)
-        t0 = time.perf_counter()
-        generator.append_tokens(ids)
-        first = None
-        while not generator.is_done():
-            generator.generate_next_token()
-            if first is None:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        new = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+        def run(ids=ids, length=length):
+            params = og.GeneratorParams(model)
+            # the KV buffers may need to be longer than the answer (runner.retry_with_window)
+            params.set_search_options(max_length=max(length, runner.buffer_length), do_sample=False)
+            generator = og.Generator(model, params)
+            t0 = time.perf_counter()
+            generator.append_tokens(ids)
+            first = None
+            for _ in range(length - len(ids)):
+                if generator.is_done():  # end of sequence
+                    break
+                generator.generate_next_token()
+                if first is None:
+                    first = time.perf_counter()
+            return t0, first, time.perf_counter(), [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+        t0, first, end, new = runner.retry_with_window(run)
         decode_s = end - first if first is not None else 0.0
         out.append({"text": tokenizer.decode(new), "tokens": len(new), "seconds": round(end - t0, 4),
                     "tok_s": (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None})
-        del generator
         if on_prompt:
             on_prompt()
     return out

@@ -300,41 +300,69 @@ class GenaiCausalLM:
         config.clear_providers()
         if self.provider != "CPUExecutionProvider":
             config.append_provider(GENAI_PROVIDER_NAMES[self.provider])
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        # errors raise with their message; ONNX Runtime's own log of them is kept off the console
+        session_options = {"log_severity_level": 4, **({"intra_op_num_threads": threads} if threads else {})}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         genai = json.loads((self.path / GENAI_CONFIG).read_text())
         self.context_length = genai["model"]["context_length"]
         t0 = time.perf_counter()
         self.model = og.Model(config)
         self.session_seconds = time.perf_counter() - t0
+        self.buffer_length = 0  # see retry_with_window
 
     def _generator(self, total_length: int):
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=total_length, min_length=total_length, do_sample=False)
+        params.set_search_options(max_length=max(total_length, self.buffer_length), min_length=total_length,
+                                  do_sample=False)
         return self.og.Generator(self.model, params)
+
+    def retry_with_window(self, run):
+        """`run()`, once more with KV buffers as long as the sliding window where the graph asked for that: the
+        GenAI builder's Gemma 3 shares past and present buffers in its sliding-window layers, and ONNX Runtime
+        refuses buffers shorter than the window (GenAI sizes them by max_length)."""
+        try:
+            return run()
+        except Exception as exc:  # noqa: BLE001 - only that case is retried; the rest re-raised
+            if self.buffer_length or "capacity" not in str(exc):
+                raise
+            self.buffer_length = _local_window(self.path / MODEL_FILE)
+            if not self.buffer_length:
+                raise
+            return run()
 
     def prefill(self, prompt_ids) -> float:
         """Seconds to run the prompt and pick the first token (time to first token)."""
         ids = np.asarray(prompt_ids, dtype=np.int32)
-        generator = self._generator(len(ids) + 1)
-        t0 = time.perf_counter()
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        return time.perf_counter() - t0
+
+        def run():
+            generator = self._generator(len(ids) + 1)
+            t0 = time.perf_counter()
+            generator.append_tokens(ids)
+            generator.generate_next_token()
+            return time.perf_counter() - t0
+
+        return self.retry_with_window(run)
 
     def generate(self, prompt_ids, max_new_tokens: int, *, step_seconds: list | None = None) -> list[int]:
         """Greedy decoding of exactly `max_new_tokens` tokens (no early stop)."""
         ids = np.asarray(prompt_ids, dtype=np.int32)
-        generator = self._generator(len(ids) + max_new_tokens)
-        t0 = time.perf_counter()
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-            if step_seconds is not None:
+
+        def run():
+            steps = []
+            generator = self._generator(len(ids) + max_new_tokens)
+            t0 = time.perf_counter()
+            generator.append_tokens(ids)
+            for _ in range(max_new_tokens):
+                generator.generate_next_token()
                 t1 = time.perf_counter()
-                step_seconds.append(t1 - t0)
+                steps.append(t1 - t0)
                 t0 = t1
-        return [int(t) for t in generator.get_sequence(0)[len(ids):]]
+            return steps, [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+        steps, new = self.retry_with_window(run)
+        if step_seconds is not None:
+            step_seconds.extend(steps)
+        return new
 
 
 # --------------------------------------------------------------------------- benchmark worker
