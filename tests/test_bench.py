@@ -216,8 +216,8 @@ def test_cli_bench_bad_threads(tiny_artifacts):
 @pytest.mark.integration
 def test_onnx_logits_fn_runs_the_builders_sliding_window_graph_from_an_empty_cache(tmp_path, monkeypatch):
     """The GenAI builder's Gemma 3 graph shares past and present buffers in its sliding-window layers, and ONNX
-    Runtime refuses it buffers shorter than the window (an empty past; GenAI's max_length-sized ones). The runtime feeds zeros of the window's length,
-    which the attention mask leaves unread: its logits equal PyTorch's."""
+    Runtime refuses it buffers shorter than the window (an empty past; GenAI's max_length-sized ones). The
+    runtimes size them to the window, zeros the attention mask leaves unread: logits equal PyTorch's."""
     from tiny import tiny_model
 
     from cusprun_edge.measure.baseline import builder_artifact

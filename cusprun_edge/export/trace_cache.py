@@ -67,9 +67,9 @@ def lookup(key: str, directory: Path) -> dict | None:
     try:
         record = json.loads(info.read_text())
         # the files it was stored with, each required: another process may be dropping this entry meanwhile
-        for name in record.get("files", (MODEL_FILE,)):
+        for name in record["files"]:
             shutil.copyfile(entry / name, directory / name)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, KeyError):
         return None
     os.utime(info)  # most recently used
     return record

@@ -87,18 +87,14 @@ def generate_texts(artifact, prompts: list[str], *, max_new_tokens: int = MAX_NE
     from .runtime import GenaiCausalLM
 
     runner = GenaiCausalLM(artifact, "CPUExecutionProvider", threads=threads)
-    og, model = runner.og, runner.model
-    tokenizer = og.Tokenizer(model)
+    tokenizer = runner.og.Tokenizer(runner.model)
     out = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
         length = min(len(ids) + max_new_tokens, runner.context_length)
 
         def run(ids=ids, length=length):
-            params = og.GeneratorParams(model)
-            # the KV buffers may need to be longer than the answer (runner.retry_with_window)
-            params.set_search_options(max_length=max(length, runner.buffer_length), do_sample=False)
-            generator = og.Generator(model, params)
+            generator = runner.generator(length, stop_at_end=True)
             t0 = time.perf_counter()
             generator.append_tokens(ids)
             first = None

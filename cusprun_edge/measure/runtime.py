@@ -191,9 +191,9 @@ class OnnxCausalLM:
         except Exception as exc:  # noqa: BLE001 - only the one case below is handled; the rest re-raised
             # The GenAI builder's Gemma 3 graph shares past and present buffers in its sliding-window layers, and
             # ONNX Runtime then wants a past buffer at least as long as the window even when nothing is cached.
-            if past is not None or self.past_capacity or "capacity" not in str(exc):
+            if past is not None or self.past_capacity:
                 raise
-            self.past_capacity = _local_window(self.path / MODEL_FILE)
+            self.past_capacity = window_wanted(exc, self.path / MODEL_FILE)
             if not self.past_capacity:
                 raise
             return self.forward(ids, None, past_len)
@@ -244,8 +244,12 @@ class OnnxCausalLM:
         return new
 
 
-def _local_window(model_file: Path) -> int:
-    """The largest sliding window of the graph's GroupQueryAttention nodes (0: none)."""
+def window_wanted(exc: Exception, model_file: Path) -> int:
+    """The length KV buffers must have when `exc` is ONNX Runtime refusing shorter ones (a graph whose
+    sliding-window layers share past and present buffers): the largest sliding window of the graph's
+    GroupQueryAttention nodes; 0 when `exc` is something else or the graph has no window."""
+    if "capacity" not in str(exc):
+        return 0
     import onnx
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
@@ -310,10 +314,15 @@ class GenaiCausalLM:
         self.session_seconds = time.perf_counter() - t0
         self.buffer_length = 0  # see retry_with_window
 
-    def _generator(self, total_length: int):
+    def generator(self, total_length: int, *, stop_at_end: bool = False):
+        """A greedy generator up to `total_length` tokens (the prompt's included), which runs to that length
+        unless `stop_at_end` lets it stop at the end of sequence; its KV buffers are at least `buffer_length`
+        long (retry_with_window), so with them it is stopped by the caller, not by max_length."""
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max(total_length, self.buffer_length), min_length=total_length,
-                                  do_sample=False)
+        options = {"max_length": max(total_length, self.buffer_length), "do_sample": False}
+        if not stop_at_end:
+            options["min_length"] = total_length
+        params.set_search_options(**options)
         return self.og.Generator(self.model, params)
 
     def retry_with_window(self, run):
@@ -323,9 +332,9 @@ class GenaiCausalLM:
         try:
             return run()
         except Exception as exc:  # noqa: BLE001 - only that case is retried; the rest re-raised
-            if self.buffer_length or "capacity" not in str(exc):
+            if self.buffer_length:
                 raise
-            self.buffer_length = _local_window(self.path / MODEL_FILE)
+            self.buffer_length = window_wanted(exc, self.path / MODEL_FILE)
             if not self.buffer_length:
                 raise
             return run()
@@ -335,7 +344,7 @@ class GenaiCausalLM:
         ids = np.asarray(prompt_ids, dtype=np.int32)
 
         def run():
-            generator = self._generator(len(ids) + 1)
+            generator = self.generator(len(ids) + 1)
             t0 = time.perf_counter()
             generator.append_tokens(ids)
             generator.generate_next_token()
@@ -349,7 +358,7 @@ class GenaiCausalLM:
 
         def run():
             steps = []
-            generator = self._generator(len(ids) + max_new_tokens)
+            generator = self.generator(len(ids) + max_new_tokens)
             t0 = time.perf_counter()
             generator.append_tokens(ids)
             for _ in range(max_new_tokens):
