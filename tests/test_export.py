@@ -560,3 +560,31 @@ def test_a_traced_graph_is_reused_only_for_the_same_model(tmp_path, monkeypatch)
     changed = export_model(model, tok, "x86-cpu", tmp_path / "c", precision="fp32")
     assert not any("from the cache" in n for n in changed["notes"])
     assert len(list(trace_cache.root().iterdir())) == 2
+
+
+def test_the_trace_cache_drops_by_size_not_count(tmp_path, monkeypatch):
+    """Small graphs (the test suite's) never push a large one (a real model's) out while the total fits; past the
+    budget the least recently used go first, and the graph just stored always stays."""
+    import os
+
+    from cusprun_edge.export import MODEL_FILE, trace_cache
+
+    monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(trace_cache, "KEEP_BYTES", 10_000)
+
+    def graph(name: str, size: int) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / MODEL_FILE).write_bytes(b"x" * size)
+        return d
+
+    trace_cache.store("big", graph("big", 6_000), {})
+    os.utime(trace_cache.root() / "big" / trace_cache.INFO_FILE, (1, 1))  # the oldest
+    for i in range(5):
+        trace_cache.store(f"small{i}", graph(f"small{i}", 100), {})
+    assert {p.name for p in trace_cache.root().iterdir()} == {"big"} | {f"small{i}" for i in range(5)}
+    trace_cache.store("another", graph("another", 5_000), {})  # 11.5 KB in all: the oldest goes
+    assert {p.name for p in trace_cache.root().iterdir()} == {"another"} | {f"small{i}" for i in range(5)}
+    trace_cache.store("huge", graph("huge", 20_000), {})  # over the budget alone: kept, everything else dropped
+    assert [p.name for p in trace_cache.root().iterdir()] == ["huge"]
+    assert trace_cache.lookup("huge", graph("dest", 0)) is not None

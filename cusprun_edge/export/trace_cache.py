@@ -5,8 +5,9 @@ optimizer on 2 cores), and the same dense model is traced again by every build o
 plan, and the builder comparison. A graph is stored under a key of everything that decides it: the weights
 and config (hashed), the attention kind, the opset, the rotary table length, the source of the modules that
 trace and rewrite it, and the versions of torch, onnxscript and onnx_ir. A hit is copied into the
-export's directory; the export gates it on parity as it would a fresh trace. The cache keeps the
-KEEP most recently used graphs. CUSPRUN_EDGE_TRACE_CACHE=0 turns it off.
+export's directory; the export gates it on parity as it would a fresh trace. The cache keeps the most
+recently used graphs up to KEEP_BYTES in all (by size, not count: the test suite's tiny graphs must not push out
+a real model's), and always the newest. CUSPRUN_EDGE_TRACE_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .common import DATA_FILE, MODEL_FILE
 
-KEEP = 3
+KEEP_BYTES = 4 * 1024**3  # SmolLM2-135M's fp32 graph is about 0.54 GB, Gemma-3-270M's about 1.1 GB
 INFO_FILE = "trace.json"
 # the modules whose source decides the traced graph
 CODE = ("trace.py", "attention.py", "passes.py", "common.py", "trace_cache.py")
@@ -76,7 +77,8 @@ def lookup(key: str, directory: Path) -> dict | None:
 
 
 def store(key: str, directory: Path, record: dict) -> None:
-    """Keep the graph in `directory` under `key` (complete or not at all), then drop the oldest beyond KEEP."""
+    """Keep the graph in `directory` under `key` (complete or not at all), then drop the least recently used
+    beyond KEEP_BYTES."""
     if not enabled():
         return
     base = root()
@@ -97,12 +99,16 @@ def store(key: str, directory: Path, record: dict) -> None:
     except OSError:
         shutil.rmtree(base / f".{key}.tmp-{os.getpid()}", ignore_errors=True)
         return  # a full disk or a read-only cache costs a trace next time, nothing else
-    used = {}
+    used, sizes = {}, {}
     for entry in base.iterdir():
         try:
             used[entry] = (entry / INFO_FILE).stat().st_mtime
+            sizes[entry] = sum(f.stat().st_size for f in entry.iterdir())
         except OSError:  # not an entry, or one another process is dropping
             continue
-    for old in sorted(used, key=used.get)[:-KEEP]:
+    total = sum(sizes.values())
+    for old in sorted(used, key=used.get):
+        if total <= KEEP_BYTES or old == final:
+            break
         shutil.rmtree(old, ignore_errors=True)
-
+        total -= sizes[old]

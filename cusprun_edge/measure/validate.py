@@ -109,23 +109,35 @@ def compare_texts(ref_fn, test_fn, tokenizer, texts: list[str], *, batch_size: i
     """One pass over `texts` with both models: summed next-token NLL of each, top-1 agreement, KL.
 
     The sums behind `evaluate.perplexity` and `evaluate.agreement`, from one forward of each model."""
+    return compare_many(ref_fn, {"test": test_fn}, tokenizer, texts, batch_size=batch_size, max_length=max_length)["test"]
+
+
+def compare_many(ref_fn, test_fns: dict, tokenizer, texts: list[str], *, batch_size: int = 4,
+                 max_length: int = 512) -> dict[str, dict]:
+    """`compare_texts`' sums for each of `test_fns` ({name: logits fn}) against one reference, which runs once
+    per batch for all of them (validate compares the expert, our dense export and the builder's with the same
+    PyTorch model: one forward instead of three)."""
     from .evaluate import _batches, agreement_sums, nll_sum
 
-    out = {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+    outs = {name: {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
+            for name in test_fns}
     for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
-        ref, test = ref_fn(ids, mask), test_fn(ids, mask)
-        if ref.shape != test.shape:
-            raise UserError(f"dense and expert logits differ in shape ({tuple(ref.shape)} vs {tuple(test.shape)}); "
-                            "is the expert derived from this dense model?")
-        out["ref_nll"] += nll_sum(ref, ids, mask)[0]
-        test_nll, tokens = nll_sum(test, ids, mask)
-        out["test_nll"] += test_nll
-        out["tokens"] += tokens
-        agree, kl, positions = agreement_sums(ref, test, mask)
-        out["agree"] += agree
-        out["kl"] += kl
-        out["positions"] += positions
-    return out
+        ref = ref_fn(ids, mask)
+        ref_nll = nll_sum(ref, ids, mask)[0]
+        for name, test_fn in test_fns.items():
+            test, out = test_fn(ids, mask), outs[name]
+            if ref.shape != test.shape:
+                raise UserError(f"dense and expert logits differ in shape ({tuple(ref.shape)} vs "
+                                f"{tuple(test.shape)}); is the expert derived from this dense model?")
+            out["ref_nll"] += ref_nll
+            test_nll, tokens = nll_sum(test, ids, mask)
+            out["test_nll"] += test_nll
+            out["tokens"] += tokens
+            agree, kl, positions = agreement_sums(ref, test, mask)
+            out["agree"] += agree
+            out["kl"] += kl
+            out["positions"] += positions
+    return outs
 
 
 def _ppl(nll: float, tokens: int) -> float:
@@ -272,14 +284,19 @@ def validate(
     baseline_totals = dict.fromkeys(shared, 0)
     mc_totals = [0, 0, 0]
     for name, data in sets.items():
+        # the PyTorch reference runs once per batch for every artifact compared with it
+        tests = {**({"expert": expert_fn} if not trimmed else {}),
+                 **({"quantized": quantized_fn} if quantized_fn is not None else {}),
+                 **({"baseline": baseline_fn} if baseline_fn is not None else {})}
+        compared = compare_many(dense_fn, tests, tokenizer, data["texts"], batch_size=batch_size,
+                                max_length=max_length) if data["texts"] and tests else {}
         if not data["texts"]:
             sums = dict.fromkeys(totals, 0)
         elif trimmed:
             sums = compare_trimmed(dense_fn, expert_fn, tokenizer, expert_tok, data["texts"], batch_size=batch_size,
                                    max_length=max_length, test_max_length=expert_rt.context_length or 4 * max_length)
         else:
-            sums = compare_texts(dense_fn, expert_fn, tokenizer, data["texts"], batch_size=batch_size,
-                                 max_length=max_length)
+            sums = compared["expert"]
         mc = (_mc_count(dense_fn, tokenizer, data["mc"]), _mc_count(expert_fn, expert_tok, data["mc"]),
               len(data["mc"]))
         for k in totals:
@@ -288,15 +305,13 @@ def validate(
             mc_totals[i] += mc[i]
         categories[name] = {"documents": len(data["texts"]), "split": "eval" if not name.startswith("user:") else "user",
                             **_summary(sums, mc)}
-        if quantized_fn is not None and data["texts"]:
-            quantized = compare_texts(dense_fn, quantized_fn, tokenizer, data["texts"], batch_size=batch_size,
-                                      max_length=max_length)
+        if "quantized" in compared:
+            quantized = compared["quantized"]
             for k in quantized_totals:
                 quantized_totals[k] += quantized[k]
             categories[name]["three_way"] = three_way(sums, quantized)
-        if baseline_fn is not None and data["texts"]:
-            theirs = compare_texts(dense_fn, baseline_fn, tokenizer, data["texts"], batch_size=batch_size,
-                                   max_length=max_length)
+        if "baseline" in compared:
+            theirs = compared["baseline"]
             for k in baseline_totals:
                 baseline_totals[k] += theirs[k]
             categories[name]["baseline"] = _against_reference(theirs)
