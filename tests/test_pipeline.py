@@ -64,6 +64,20 @@ def test_interrupted_build_resumes(tiny_builds, tiny_artifacts, tmp_path, monkey
     assert [n for n, s in seen if s == "done"] == ["bench", "report"]
 
 
+def test_the_second_build_takes_the_dense_export_from_the_cache(tiny_builds):  # noqa: F811
+    """r30 is built after r50 from the same model, corpora, target and plan: its dense export is r50's files (the
+    user cache's copy), with a note saying so and this checkout's target profile; the expert is its own."""
+    r30, r50, _ = tiny_builds
+    first, second = r50 / "export" / "dense", r30 / "export" / "dense"
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        if (first / name).exists():
+            assert (second / name).read_bytes() == (first / name).read_bytes(), name
+    notes = json.loads((second / "manifest.json").read_text())["notes"]
+    assert any("taken from the user cache" in n for n in notes)
+    assert not any("taken from the user cache" in n for n in json.loads((first / "manifest.json").read_text())["notes"])
+    assert (r30 / "export" / "expert" / "model.onnx").read_bytes() != (r50 / "export" / "expert" / "model.onnx").read_bytes()
+
+
 def test_changed_stage_code_reruns_it_and_the_stages_after(tiny_builds, tiny_artifacts, tmp_path):  # noqa: F811
     """A copy of the package with one edited module (bench.py) resumes a finished build: bench and the
     report after it re-run, every other stage is skipped (their code is byte for byte the same). Then an

@@ -232,10 +232,17 @@ class ExportStage(Stage):
         calibration = calibration_documents(ExpertSpec.parse(ctx.config.expert).corpora())
         ctx.progress.start("export dense", total=2)
         layer_by_layer = exports_streamed(ctx.config)  # too large to hold whole: one decoder layer at a time
-        model, tok = ctx.streamed() if layer_by_layer else ctx.dense()
-        dense_manifest = export_model(model, tok, ctx.config.target, work / "dense", precision=ctx.config.precision,
-                                      held_out=ctx.config.expert, calibration=calibration,
-                                      quant_plan=ctx.config.quant_plan, **steps("dense"))
+        # the dense export is the same in every build of this model, target, plan and corpora: kept in the user cache
+        key = self.dense_key(ctx)
+        from ..config.targets import resolve_target
+
+        dense_manifest = cached_dense_export(key, work / "dense", resolve_target(ctx.config.target).path)
+        if dense_manifest is None:
+            model, tok = ctx.streamed() if layer_by_layer else ctx.dense()
+            dense_manifest = export_model(model, tok, ctx.config.target, work / "dense",
+                                          precision=ctx.config.precision, held_out=ctx.config.expert,
+                                          calibration=calibration, quant_plan=ctx.config.quant_plan, **steps("dense"))
+            store_dense_export(key, work / "dense")
         ctx.progress.update(description="export expert", advance=1)
         expert, etok = load_expert(ctx.stage_dir("prune") / "expert", lazy=layer_by_layer)
         expert_manifest = export_model(expert, etok, ctx.config.target, work / "expert",
@@ -243,6 +250,53 @@ class ExportStage(Stage):
                                        calibration=calibration, quant_plan=ctx.config.quant_plan, **steps("expert"))
         ctx.progress.update(advance=1)
         return {"dense": _manifest_summary(dense_manifest), "expert": _manifest_summary(expert_manifest)}
+
+
+    def dense_key(self, ctx) -> str:
+        """What decides the dense export's files: this stage's code, the model, corpora and target (their
+        contents), its precision and plan, and the libraries that trace, rewrite and quantize it."""
+        from importlib import metadata
+
+        from .stage import code_hash
+
+        libraries = {}
+        for dist in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
+            try:
+                libraries[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                libraries[dist] = None
+        parts = {"code": code_hash(type(self)), "inputs": {k: ctx.input_digest(k) for k in ("model", "expert", "target")},
+                 "precision": ctx.config.precision, "plan": ctx.config.quant_plan, "libraries": libraries}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+DENSE_EXPORTS, DENSE_SWITCH = "dense-exports", "CUSPRUN_EDGE_EXPORT_CACHE"
+DENSE_KEEP_BYTES = 2 * 1024**3  # SmolLM2-135M's int4 dense export is about 90 MB, Gemma-3-270M's about 0.35 GB
+
+
+def cached_dense_export(key: str, dest: Path, target_path: str) -> dict | None:
+    """The dense export of an earlier build with the same key, copied into `dest`: its manifest, or None."""
+    from ..export import dir_cache
+    from ..fsutil import write_json
+
+    if dir_cache.lookup(DENSE_EXPORTS, key, dest, switch=DENSE_SWITCH) is None:
+        return None
+    manifest_path = dest / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if isinstance(manifest.get("target"), dict):
+        manifest["target"]["path"] = target_path  # the same profile's content, read from this checkout's file
+    manifest.setdefault("notes", []).append(
+        "taken from the user cache: an earlier build exported the same model for the same target, precision, plan "
+        "and corpora with the same code (CUSPRUN_EDGE_EXPORT_CACHE=0 exports anew)")
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def store_dense_export(key: str, directory: Path) -> None:
+    from ..export import dir_cache
+
+    files = sorted(p.name for p in directory.iterdir() if p.is_file())
+    dir_cache.store(DENSE_EXPORTS, key, directory, {}, files=files, keep_bytes=DENSE_KEEP_BYTES, switch=DENSE_SWITCH)
 
 
 def _manifest_summary(manifest: dict) -> dict:
