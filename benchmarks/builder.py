@@ -87,8 +87,11 @@ def speed(artifacts: dict[str, Path], settings: dict) -> dict:
     from cusprun_edge.measure.runtime import GenaiCausalLM
 
     rng = np.random.default_rng(0)
-    prompt = rng.integers(100, 40000, settings["prompt_tokens"]).tolist()
-    long_prompt = rng.integers(100, 40000, settings["ttft_prompt_tokens"]).tolist()
+    # ids every artifact has: a trimmed vocabulary may end below 40,000
+    high = min([40000] + [json.loads((Path(d) / "genai_config.json").read_text())["model"]["vocab_size"]
+                          for d in artifacts.values()])
+    prompt = rng.integers(100, high, settings["prompt_tokens"]).tolist()
+    long_prompt = rng.integers(100, high, settings["ttft_prompt_tokens"]).tolist()
     models = {label: GenaiCausalLM(str(d), "CPUExecutionProvider", threads=settings["threads"])
               for label, d in artifacts.items()}
     for model in models.values():  # warm-up

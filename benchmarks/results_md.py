@@ -210,26 +210,37 @@ def _builder_section(b: dict) -> list[str]:
 
 
 def _frontier_section(f: dict) -> list[str]:
-    points = sorted((p for p in f["points"].values() if "decode_speedup" in p),
-                    key=lambda p: (p["model"], p["setting"], p["vocab_pruned"], p["ratio"]))
+    from .frontier import BUILDER, _measured
+
+    points = sorted(_measured(f) if f.get("baseline") == BUILDER else [],
+                    key=lambda p: (p["model"], p["setting"], p["vocab"] != "full", p["ratio"], p["vocab"]))
     if not points:
         return []
+    sp = f["speed"]
+    runs = sorted({(p["speed_rounds"], p.get("speed_run", "the expert with the builder and our dense"),
+                    p["speed_date"]) for p in points})
+    how = "; ".join(f"{n} rounds alternating {what} ({date})" for n, what, date in runs)
     lines = [_machine_line(f["machine"]) if "machine" in f else "", "",
-             "Each row is one x86-cpu int4 artifact: its held-out (eval split) perplexity through ONNX Runtime "
-             "against dense PyTorch fp32, and its speed against the dense int4 artifact measured as a pair in "
-             "one bench call. `bytes` is the decode speed-up the weights read per generated token predict.", "",
-             "| model | setting | ratio | vocab | ppl int4 (fp32) | ppl / dense | decode x | TTFT x | bytes x | gap |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Each row is one {f['target']} int4 artifact ({f['plan']} plan) measured as it ships: perplexity per "
+             "dense token on the eval split (each document cut at 512 dense tokens) through ONNX Runtime, against "
+             "dense PyTorch fp32 and against ONNX Runtime GenAI's builder int4 of the dense model; decode speed "
+             f"through onnxruntime_genai at {sp['threads']} threads, the median of {how}. `bytes` is the decode "
+             "speed-up over the builder that the weights read per generated token predict.", "",
+             "| model | setting | dense: fp32 ppl | builder int4 ppl | our dense int4 ppl |", "|---|---|---|---|---|"]
+    for key, d in f["dense"].items():
+        model, setting = key.split("/")
+        lines.append(f"| {model} | {setting} | {d['fp32_ppl']:.2f} | {d['builder_ppl']:.2f} | {d['int4_ppl']:.2f} |")
+    lines += ["", "| model | setting | ratio | vocabulary | ppl int4 (fp32) | / fp32 | / builder | decode vs builder | "
+              "vs our dense | TTFT vs builder | bytes | files MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        gap = p["decode_speedup"] / p["bytes_speedup"] - 1
-        lines.append(f"| {p['model']} | {p['setting']} | {p['ratio']:.2f} | {'pruned' if p['vocab_pruned'] else 'full'} | "
-                     f"{p['int4_ppl']:.2f} ({p['fp32_ppl']:.2f}) | {p['ppl_ratio']:.2f} | {p['decode_speedup']:.2f} | "
-                     f"{p['ttft_speedup']:.2f} | {p['bytes_speedup']:.2f} | {gap:+.0%} |")
+        lines.append(f"| {p['model']} | {p['setting']} | {p['ratio']:.2f} | {p['vocab']} | {p['int4_ppl']:.2f} "
+                     f"({p['fp32_ppl']:.2f}) | {p['ppl_ratio']:.2f} | {p['ppl_vs_builder']:.2f} | "
+                     f"{p['decode_vs_builder']:.2f}x | {p['decode_vs_dense']:.2f}x | {p['ttft_vs_builder']:.2f}x | "
+                     f"{p['bytes_vs_builder']:.2f}x | {p['file_bytes'] / 1e6:.1f} |")
     for group, entry in (f.get("summary") or {}).items():
-        best = {k: v for k, v in entry.items() if k.startswith("fastest")}
-        text = "; ".join(f"{k.replace('_', ' ')}: " + (f"ratio {v['ratio']:.2f}, decode {v['decode_speedup']:.2f}x, "
-                                                       f"ppl {v['ppl_ratio']:.2f}x" if v else "none measured")
-                         for k, v in best.items())
+        text = "; ".join(f"fastest within {name}: " + (
+            f"{v['ratio']:.2f}/{v['vocab']}, decode {v['decode_vs_builder']:.2f}x the builder, perplexity "
+            f"{v['ppl_ratio']:.2f}x fp32" if v else "none measured") for name, v in entry["fastest_within"].items())
         lines += ["", f"{group}: frontier {', '.join(entry['frontier'])}; {text}."]
     return lines + ["", "![frontier](results/frontier.png)", ""]
 
