@@ -106,8 +106,10 @@ def _model_digest(source: str) -> str:
     from ..model.load import EMBEDDED, resolve_source
 
     kind, where = resolve_source(source)
-    if kind == "embedded":
-        return _files_digest([Path(EMBEDDED[where].locate())])
+    if kind == "embedded":  # by content: its path is inside each checkout's own .venv (a few hundred MB to read)
+        from ..fsutil import sha256_file
+
+        return sha256_file(Path(EMBEDDED[where].locate()))[:16]
     if kind == "hub":
         return str(where)
     where = Path(where)
