@@ -109,8 +109,13 @@ def speed(artifacts: dict[str, Path], settings: dict) -> dict:
                     "ttft_ms": float(np.median(ttft[label])), "ttft_ms_runs": ttft[label]} for label in models}
 
 
+def file_bytes(directory: Path) -> int:
+    """The graph and its weights (model.onnx*), without the tokenizer and configs."""
+    return sum(p.stat().st_size for p in Path(directory).glob("model.onnx*"))
+
+
 def file_mb(directory: Path) -> float:
-    return sum(p.stat().st_size for p in directory.glob("model.onnx*")) / 1e6
+    return file_bytes(directory) / 1e6
 
 
 def run(also: dict[str, Path] | None = None, rounds: int = SPEED["rounds"], keep: Path | None = None) -> dict:

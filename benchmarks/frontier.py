@@ -34,7 +34,7 @@ from cusprun_edge.prune.pruner import prune_model
 from cusprun_edge.prune.score import ScoreSet, score_model
 from cusprun_edge.prune.vocab import trim_vocab_for_corpora, vocab_held_out
 
-from .builder import speed
+from .builder import file_bytes, speed
 from .common import RESULTS, machine, write_json
 from .quality import SETTINGS
 
@@ -101,10 +101,6 @@ def _speed(builder: Path, dense: Path, experts: dict[str, Path], rounds: int = S
             for key in experts}
 
 
-def _file_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob("model.onnx*"))
-
-
 def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] | None = None,
         vocab_modes: tuple[bool, ...] = (False, True), ratios: list[float] | None = None) -> dict:
     unknown = [s for s in only or [] if s not in FRONTIER_SETTINGS]
@@ -127,7 +123,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
         corpora = ExpertSpec.parse(spec).corpora()
         texts = clip_to_tokens(tok, [t for c in corpora.values() for t in c.eval], MAX_TOKENS)
         dense_dir = work / setting / "dense-int4"
-        dense_manifest = _export(model, tok, dense_dir, spec)
+        _export(model, tok, dense_dir, spec)
         dkey = f"{model_name}/{setting}"
         if dkey not in data["dense"]:
             data["dense"][dkey] = {
@@ -136,7 +132,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
                 "int4_ppl": _ppl(OnnxCausalLM(dense_dir, threads=2).logits_fn, tok, tok, texts),
                 "per_token_bytes": weight_bytes_per_token(dense_dir / "model.onnx")["per_token_bytes"],
                 "builder_per_token_bytes": weight_bytes_per_token(builder_dir / "model.onnx")["per_token_bytes"],
-                "file_bytes": dense_manifest.get("total_bytes"), "builder_file_bytes": _file_bytes(builder_dir),
+                "file_bytes": file_bytes(dense_dir), "builder_file_bytes": file_bytes(builder_dir),
                 "documents": len(texts),
             }
             write_json(result_name(quick), data)
@@ -178,7 +174,7 @@ def run(quick: bool = False, model_name: str = "smollm2-135m", only: list[str] |
             point["fallback"] = (manifest.get("quantization") or {}).get("fallback")
             point["per_token_bytes"] = weight_bytes_per_token(dest / "model.onnx")["per_token_bytes"]
             point["bytes_vs_builder"] = dense["builder_per_token_bytes"] / point["per_token_bytes"]
-            point["file_bytes"] = _file_bytes(dest)
+            point["file_bytes"] = file_bytes(dest)
             point.update(_speed(builder_dir, dense_dir, {key: dest})[key])
             point["seconds"] = round(time.time() - t0, 1)
             data["points"][key] = point

@@ -166,12 +166,17 @@ def tool_version() -> str:
 
 
 def library_versions() -> dict:
+    """The libraries that trace, rewrite, quantize and run an export (its manifest records them; the build's
+    dense-export cache keys on them)."""
     import onnx
+    import onnx_ir
     import onnxruntime
+    import onnxscript
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+                "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnx_ir": onnx_ir.__version__,
+                "onnxruntime": onnxruntime.__version__}
     try:
         import onnxruntime_genai
 

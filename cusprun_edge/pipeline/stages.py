@@ -233,9 +233,9 @@ class ExportStage(Stage):
         ctx.progress.start("export dense", total=2)
         layer_by_layer = exports_streamed(ctx.config)  # too large to hold whole: one decoder layer at a time
         # the dense export is the same in every build of this model, target, plan and corpora: kept in the user cache
-        key = self.dense_key(ctx)
         from ..config.targets import resolve_target
 
+        key = self.dense_key(ctx)
         dense_manifest = cached_dense_export(key, work / "dense", resolve_target(ctx.config.target).path)
         if dense_manifest is None:
             model, tok = ctx.streamed() if layer_by_layer else ctx.dense()
@@ -251,22 +251,16 @@ class ExportStage(Stage):
         ctx.progress.update(advance=1)
         return {"dense": _manifest_summary(dense_manifest), "expert": _manifest_summary(expert_manifest)}
 
-
     def dense_key(self, ctx) -> str:
         """What decides the dense export's files: this stage's code, the model, corpora and target (their
-        contents), its precision and plan, and the libraries that trace, rewrite and quantize it."""
-        from importlib import metadata
-
+        contents), the expert spec its manifest records, its precision and plan, and the libraries that trace,
+        rewrite and quantize it."""
+        from ..export.package import library_versions
         from .stage import code_hash
 
-        libraries = {}
-        for dist in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
-            try:
-                libraries[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                libraries[dist] = None
         parts = {"code": code_hash(type(self)), "inputs": {k: ctx.input_digest(k) for k in ("model", "expert", "target")},
-                 "precision": ctx.config.precision, "plan": ctx.config.quant_plan, "libraries": libraries}
+                 "expert": ctx.config.expert, "precision": ctx.config.precision, "plan": ctx.config.quant_plan,
+                 "libraries": library_versions()}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
