@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, USER_PROMPT, tiny_build_config
 
 from cusprun_edge.pipeline import build as pipeline
@@ -150,3 +151,51 @@ def test_cli_build_is_quiet_and_logs_libraries(tiny_builds, tiny_artifacts, tmp_
     assert proc.stderr == ""
     log = (out / "build.log").read_text()
     assert (out / "build.log").stat().st_size > log_before and "--- " in log
+
+
+def test_the_dense_models_statistics_come_from_the_user_cache(tiny_artifacts, tmp_path, monkeypatch):  # noqa: F811
+    """Two builds of the same model, corpora, method and ratio in different directories: the second takes the
+    scores and the damage probes from the user cache (saying so), and its expert is the first's, tensor for
+    tensor. Another ratio measures its own damage but reuses the scores; with the cache off, both are measured."""
+    from safetensors.torch import load_file
+
+    from cusprun_edge.pipeline.config import BuildConfig
+    from cusprun_edge.pipeline.stage import BuildContext
+
+    monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
+
+    def first_stages(name, ratio=0.3):
+        cfg = BuildConfig(target="x86-cpu", model=str(tiny_artifacts["dense_hf"]), expert="language=en,domain=general",
+                          ratio=ratio, method="cusprun")
+        ctx = BuildContext(cfg, tmp_path / name)
+        results = {}
+        for stage in pipeline.STAGES[:3]:  # load, score, prune
+            work = ctx.stage_dir(stage.name)
+            work.mkdir(parents=True)
+            results[stage.name] = stage.run(ctx, work)
+            ctx.fingerprints[stage.name] = stage.name
+        return results, tmp_path / name
+
+    def weights(out):
+        tensors = {}
+        for f in sorted((out / "prune" / "expert").glob("*.safetensors")):
+            tensors.update(load_file(f))
+        return tensors
+
+    first, a = first_stages("a")
+    assert "from_cache" not in first["score"] and "layer_damage_from_cache" not in first["prune"]
+    second, b = first_stages("b")
+    assert second["score"]["from_cache"] and second["prune"]["layer_damage_from_cache"]
+    assert (b / "score" / "scores.safetensors").read_bytes() == (a / "score" / "scores.safetensors").read_bytes()
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    record = json.loads((b / "prune" / "expert" / "cusprun.json").read_text())
+    assert record["layer_damage"]["from_cache"] == second["prune"]["layer_damage_from_cache"]
+    assert record["layer_damage"]["damage"] == json.loads((a / "prune" / "expert" / "cusprun.json").read_text())[
+        "layer_damage"]["damage"]
+
+    other, _ = first_stages("c", ratio=0.4)
+    assert other["score"]["from_cache"] and "layer_damage_from_cache" not in other["prune"]
+    monkeypatch.setenv("CUSPRUN_EDGE_STATS_CACHE", "0")
+    off, _ = first_stages("d")
+    assert "from_cache" not in off["score"] and "layer_damage_from_cache" not in off["prune"]

@@ -290,6 +290,20 @@ def code_hash(stage_cls: type, package_dir: Path = PACKAGE_DIR) -> str:
     return hashlib.sha256(json.dumps(stage_code(stage_cls, package_dir)).encode()).hexdigest()[:16]
 
 
+def content_key(ctx: BuildContext, stages: tuple[type, ...], keys: tuple[str, ...], **extra) -> str:
+    """A key of what decides a result from content alone, the same in every checkout and build (a fingerprint holds
+    its upstream stages' finishing times, so it is not): the code `stages` run, the config values `keys`, what the
+    inputs they name hold (the model's files, the corpora, the target profile), the tool and the libraries that
+    compute, and `extra`. The user cache (stages.py) keeps results under it."""
+    from ..export.package import library_versions
+
+    cfg = asdict(ctx.config)
+    parts = {"code": [code_hash(s) for s in stages], "config": {k: cfg[k] for k in keys},
+             "inputs": {k: ctx.input_digest(k) for k in keys if k in INPUTS}, "version": __version__,
+             "libraries": library_versions(), **extra}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 class Stage:
     name: str = ""
     depends: tuple[str, ...] = ()

@@ -45,12 +45,25 @@ class ScoreStage(Stage):
         from ..config.corpora import ExpertSpec
         from ..prune.score import score_model
 
+        # the dense model's statistics are the same in every build of this model and corpora: kept in the user cache
+        key = self.statistics_key(ctx)
+        cached = cached_statistics(key, work)
+        if cached is not None:
+            return {**cached, "from_cache": key}
         model, tok = ctx.streamed()  # one decoder layer in memory at a time
         corpora = ExpertSpec.parse(ctx.config.expert).corpora()
         # its bar draws on rich's console: only on a terminal (piped, it would leave a blank line)
         scores = score_model(model, tok, corpora, show_progress=rich.get_console().is_terminal)
         scores.save(work / "scores.safetensors")
-        return {"corpora": {k: c.sha256() for k, c in corpora.items()}, "seconds": scores.meta["seconds"]}
+        result = {"corpora": {k: c.sha256() for k, c in corpora.items()}, "seconds": scores.meta["seconds"]}
+        store_statistics(key, work, result, files=["scores.safetensors"])
+        return result
+
+    def statistics_key(self, ctx) -> str:
+        from .stage import content_key
+
+        return content_key(ctx, (LoadStage, ScoreStage), ("model", "trust_remote_code", "allow_pickle", "expert"),
+                           what="scores")
 
 
 class PruneStage(Stage):
@@ -92,16 +105,30 @@ class PruneStage(Stage):
         # the search's probe at the chosen ratio is the expert: it is not pruned a second time
         expert, pruned_record = pruned if pruned is not None else (copy.deepcopy(model), None)
         calib = [t for c in corpora.values() for t in c.calib]
+        # the damage probes measure the dense model under the uniform plan of these scores, ratio and method: the
+        # same in every build of them, kept in the user cache (not for a search, whose probes prune whole models)
+        damage_key = None if search is not None else self.damage_key(ctx)
+        cached = (cached_statistics(damage_key, work) or {}).get("layer_damage") if damage_key else None
+        damage = {**cached, "from_cache": damage_key} if cached else None
         with reporting_layers(lambda i, n: ctx.progress.update(description=f"{what}: layer {i + 1}/{n}")):
             record = prune_and_save(expert, tok, scores, names, cfg.method, ratio, work / "expert",
                                     options=dict(cfg.method_options),
                                     extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
                                     corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
                                     vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None,
-                                    pruned_record=pruned_record)
+                                    pruned_record=pruned_record, layer_damage=damage)
+        if damage_key and damage is None and record.get("layer_damage"):
+            store_statistics(damage_key, work, {"layer_damage": record["layer_damage"]})
         keys = ("method", "target_ratio", "achieved_ratio", "params_before", "params_after", "reconstruction",
                 "vocab", "ratio_search")
-        return {k: record.get(k) for k in keys}
+        return {**{k: record.get(k) for k in keys},
+                **({"layer_damage_from_cache": damage_key} if damage is not None else {})}
+
+    def damage_key(self, ctx) -> str:
+        from .stage import content_key
+
+        return content_key(ctx, (LoadStage, ScoreStage, PruneStage),
+                           ("model", "trust_remote_code", "allow_pickle", *self.config_keys()), what="layer damage")
 
 
 def prunes_streamed(cfg) -> bool:
@@ -255,13 +282,10 @@ class ExportStage(Stage):
         """What decides the dense export's files: this stage's code, the model, corpora and target (their
         contents), the expert spec its manifest records, its precision and plan, and the libraries that trace,
         rewrite and quantize it."""
-        from ..export.package import library_versions
-        from .stage import code_hash
+        from .stage import content_key
 
-        parts = {"code": code_hash(type(self)), "inputs": {k: ctx.input_digest(k) for k in ("model", "expert", "target")},
-                 "expert": ctx.config.expert, "precision": ctx.config.precision, "plan": ctx.config.quant_plan,
-                 "libraries": library_versions()}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+        return content_key(ctx, (LoadStage, ExportStage),
+                           ("model", "trust_remote_code", "allow_pickle", "expert", "target", "precision", "quant_plan"))
 
 
 DENSE_EXPORTS, DENSE_SWITCH = "dense-exports", "CUSPRUN_EDGE_EXPORT_CACHE"
@@ -291,6 +315,26 @@ def store_dense_export(key: str, directory: Path) -> None:
 
     files = sorted(p.name for p in directory.iterdir() if p.is_file())
     dir_cache.store(DENSE_EXPORTS, key, directory, {}, files=files, keep_bytes=DENSE_KEEP_BYTES, switch=DENSE_SWITCH)
+
+
+STATISTICS, STATISTICS_SWITCH = "statistics", "CUSPRUN_EDGE_STATS_CACHE"
+STATISTICS_KEEP_BYTES = 512 * 1024**2  # SmolLM2-135M's scores are about 36 MB, its damage probes a few hundred bytes
+
+
+def cached_statistics(key: str, dest: Path) -> dict | None:
+    """The dense model's statistics an earlier build stored under `key`: its files copied into `dest`, its record
+    (without the cache's own fields), or None. CUSPRUN_EDGE_STATS_CACHE=0 computes them anew."""
+    from ..export import dir_cache
+
+    record = dir_cache.lookup(STATISTICS, key, dest, switch=STATISTICS_SWITCH)
+    return None if record is None else {k: v for k, v in record.items() if k not in ("files", "stored")}
+
+
+def store_statistics(key: str, directory: Path, record: dict, files: tuple[str, ...] = ()) -> None:
+    from ..export import dir_cache
+
+    dir_cache.store(STATISTICS, key, directory, record, files=list(files), keep_bytes=STATISTICS_KEEP_BYTES,
+                    switch=STATISTICS_SWITCH)
 
 
 def _manifest_summary(manifest: dict) -> dict:

@@ -84,13 +84,14 @@ def _peak_memory(device):
 
 def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method: str, ratio: float,
                 options: dict | None = None, *, tokenizer=None, corpora: dict | None = None,
-                device=None, staging: Path | None = None) -> dict:
+                device=None, staging: Path | None = None, layer_damage: dict | None = None) -> dict:
     """Prune `model` in place; returns a record with the achieved ratio and parameter counts.
 
     Methods whose recipe reconstructs (cusprun by default; any method with --option reconstruct=...) refit the
     kept output projections on the `corpora` (name -> Corpus): scoring documents for the statistics,
     held-apart `tune` documents for the ridge; they need the tokenizer and the corpora.
-    A lazy model (model/lazy.py) is pruned one layer at a time into the directory `staging` (apply_plan)."""
+    A lazy model (model/lazy.py) is pruned one layer at a time into the directory `staging` (apply_plan).
+    `layer_damage`: damage.layer_damage's record for this model and uniform plan, measured earlier."""
     spec = method_with_overrides(method, dict(options or {}))
     if spec.needs_data and scores is not None:
         scores.check_model(model)
@@ -112,7 +113,7 @@ def prune_model(model, scores: ScoreSet | None, corpus_names: list[str], method:
     with _peak_memory(device) as memory:
         damage = None
         if spec.allocation == "damage":
-            damage = _layer_damage(model, scores, corpus_names, method, ratio, options, tokenizer, corpora, device)
+            damage = layer_damage or _layer_damage(model, scores, corpus_names, method, ratio, options, tokenizer, corpora, device)
         plan = make_plan(model, scores, corpus_names, method, ratio, options,
                          layer_damage=damage["damage"] if damage else None)
         recon = _reconstruct(model, plan, spec, tokenizer, corpora, device)
@@ -189,12 +190,13 @@ def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: P
                    extra: dict | None = None, force: bool = False, vocab_texts: list[str] | None = None,
                    vocab_size: int | None = None, vocab_floor: float | None = None,
                    vocab_held_out: dict | None = None, corpora: dict | None = None, device=None,
-                   pruned_record: dict | None = None) -> dict:
+                   pruned_record: dict | None = None, layer_damage: dict | None = None) -> dict:
     """Prune (refitting on `corpora` when the recipe reconstructs), optionally trim the vocabulary to what
     `vocab_texts` (the expert's calibration text) and its languages need (vocab.py: `vocab_size` tokens, or the
     smallest within `vocab_floor` on the corpora's tune documents), and save the expert with its own tokenizer.
     `pruned_record`: `model` is already pruned (prune_model's record, e.g. the ratio search's last passing
-    probe); only the rest is done."""
+    probe); only the rest is done. `layer_damage`: the damage probes' record of an earlier prune of the same dense
+    model, scores, method and ratio (the build's user cache), used instead of measuring again."""
     rule = None
     if vocab_texts is not None:  # its bad input is refused before the prune's minutes
         if reader_of(model) is not None:
@@ -205,7 +207,7 @@ def prune_and_save(model, tokenizer, scores, corpus_names, method, ratio, out: P
     with _staging(model, Path(out)) as staging:
         record = pruned_record if pruned_record is not None else prune_model(
             model, scores, corpus_names, method, ratio, options, tokenizer=tokenizer, corpora=corpora,
-            device=device, staging=staging)
+            device=device, staging=staging, layer_damage=layer_damage)
         if vocab_texts is not None:
             from .vocab import DEFAULT_FLOOR, trim_vocab_for_corpora
 
