@@ -130,9 +130,19 @@ def test_bench_report_structure(bench_record, tiny_artifacts):
         assert len(d["tok_s_runs"]) == SMALL["decode_reps"] and d["tok_s"] > 0
         assert r["session_s"] > 0
         assert r["peak_rss_mb"] >= r["rss_loaded_mb"] > 0
+    # the decode ratio comes from one process that alternated both artifacts round by round
+    from cusprun_edge.measure.bench import SIDE_BY_SIDE_QUICK
+
+    side = cpu["side_by_side"]
+    assert side["rounds"] == SIDE_BY_SIDE_QUICK["rounds"] and side["new_tokens"] == SIDE_BY_SIDE_QUICK["new_tokens"]
+    for label in ("dense", "expert"):
+        runs = side["tok_s_runs"][label]
+        assert len(runs) == side["rounds"] and all(r > 0 for r in runs)
+        assert side["decode_tok_s"][label] == pytest.approx(sorted(runs)[len(runs) // 2])
     s = record["speedup"]["CPUExecutionProvider"]["expert"]
     dense, expert = cpu["results"]["dense"], cpu["results"]["expert"]
-    assert s["decode"] == pytest.approx(expert["decode"]["tok_s"] / dense["decode"]["tok_s"])
+    assert s["decode"] == pytest.approx(side["decode_tok_s"]["expert"] / side["decode_tok_s"]["dense"])
+    assert s["decode_alone"] == pytest.approx(expert["decode"]["tok_s"] / dense["decode"]["tok_s"])
     assert s["prefill"]["32"] == pytest.approx(dense["prefill"]["32"]["p50_ms"] / expert["prefill"]["32"]["p50_ms"])
 
 

@@ -32,6 +32,9 @@ FULL = {"prompt_lengths": [16, 128, 512], "new_tokens": 128, "decode_prompt_toke
         "reps": 5, "decode_reps": 3, "warmup": 1}
 QUICK = {"prompt_lengths": [16, 128], "new_tokens": 32, "decode_prompt_tokens": 16,
          "reps": 3, "decode_reps": 2, "warmup": 1}
+# the decode rates comparisons read: every artifact in one process, alternating round by round
+SIDE_BY_SIDE = {"rounds": 5, "new_tokens": 64, "decode_prompt_tokens": 16, "warmup": 1}
+SIDE_BY_SIDE_QUICK = {"rounds": 3, "new_tokens": 32, "decode_prompt_tokens": 16, "warmup": 1}
 
 # Which pip package brings each provider (for the skip reason).
 PROVIDER_PACKAGES = {
@@ -143,9 +146,11 @@ def _engine_for(provider: str, paths: list[Path]) -> tuple[str, str | None]:
                           + "; ".join(missing) + ")"
 
 
-def _speedups(results: dict[str, dict], baseline: str) -> dict:
-    """Each artifact against the baseline: prefill latency ratio (baseline/it) and decode tok/s ratio."""
+def _speedups(results: dict[str, dict], baseline: str, side_by_side: dict | None = None) -> dict:
+    """Each artifact against the baseline: prefill latency ratio (baseline/it) and decode tok/s ratio, from the
+    side-by-side run where it measured both (else from their own processes)."""
     base = results.get(baseline, {})
+    alternating = (side_by_side or {}).get("decode_tok_s") or {}
     out = {}
     for label, r in results.items():
         if label == baseline or "error" in r or "error" in base or "prefill" not in r:
@@ -155,6 +160,9 @@ def _speedups(results: dict[str, dict], baseline: str) -> dict:
         entry = {"prefill": prefill}
         if r.get("decode") and base.get("decode") and base["decode"]["tok_s"] > 0:
             entry["decode"] = r["decode"]["tok_s"] / base["decode"]["tok_s"]
+            if alternating.get(label) and alternating.get(baseline):
+                entry["decode"] = alternating[label] / alternating[baseline]
+                entry["decode_alone"] = r["decode"]["tok_s"] / base["decode"]["tok_s"]
             entry["decode_p50"] = base["decode"]["per_token"]["p50_ms"] / r["decode"]["per_token"]["p50_ms"]
         if r.get("peak_rss_mb") and base.get("peak_rss_mb"):
             entry["memory"] = r["peak_rss_mb"] / base["peak_rss_mb"]
@@ -229,8 +237,15 @@ def bench(
         entry = {"status": "measured", "engine": engine, "results": results}
         if note:
             entry["engine_note"] = note
+        ok = {n: str(p) for n, p in zip(names, paths) if "error" not in results[n]}
+        if len(ok) > 1:
+            if on_run:
+                on_run(provider, "side by side")
+            entry["side_by_side"] = _run_worker({"artifacts": ok, "provider": provider, "engine": engine,
+                                                 "threads": threads, "seed": 0,
+                                                 **(SIDE_BY_SIDE_QUICK if quick else SIDE_BY_SIDE)}, timeout)
         report_providers[provider] = entry
-        speedup[provider] = _speedups(results, baseline)
+        speedup[provider] = _speedups(results, baseline, entry.get("side_by_side"))
         if on_result:
             on_result(provider, entry)
 

@@ -385,22 +385,46 @@ def _percentiles(seconds: list[float]) -> dict:
             "mean_ms": float(ms.mean()), "n": int(ms.size)}
 
 
+def _open(artifact, engine: str, provider: str, threads: int | None):
+    """(runner, whether the provider is active, vocabulary size) for one artifact on `engine`."""
+    if engine == "onnxruntime-genai":
+        model = GenaiCausalLM(artifact, provider, threads=threads)
+        return model, True, json.loads((Path(artifact) / GENAI_CONFIG).read_text())["model"]["vocab_size"]
+    model = OnnxCausalLM(artifact, provider, threads=threads)
+    vocab = model.session.get_outputs()[0].shape[-1]
+    return model, model.provider_active, vocab if isinstance(vocab, int) else 32000
+
+
+def measure_side_by_side(job: dict) -> dict:
+    """Decode tokens/s of several artifacts in one process, alternating round by round (each round decodes with
+    every artifact once, in turn), so a machine that speeds up or slows down during the run moves them alike: the
+    ratios a verdict compares. Measured one process after another, the same artifacts' rates scattered by about
+    10% here between runs. Returns the median per artifact and every round's rate."""
+    models = {label: _open(path, job["engine"], job["provider"], job.get("threads"))
+              for label, path in job["artifacts"].items()}
+    vocab = min(v for _, _, v in models.values())
+    rng = np.random.default_rng(job.get("seed", 0))
+    ids = rng.integers(min(100, vocab // 4), vocab, size=job["decode_prompt_tokens"]).tolist()
+    n_new = max(2, min([job["new_tokens"]] + [(m.context_length or 1 << 30) - len(ids) for m, _, _ in models.values()]))
+    rates: dict[str, list[float]] = {label: [] for label in models}
+    for round_ in range(job["warmup"] + job["rounds"]):
+        for label, (model, _, _) in models.items():
+            steps: list[float] = []
+            model.generate(ids, n_new, step_seconds=steps)
+            if round_ >= job["warmup"]:
+                rates[label].append(len(steps[1:]) / sum(steps[1:]))
+    return {"rounds": job["rounds"], "prompt_tokens": len(ids), "new_tokens": n_new,
+            "decode_tok_s": {label: float(np.median(r)) for label, r in rates.items()},
+            "tok_s_runs": {label: [float(x) for x in r] for label, r in rates.items()}}
+
+
 def measure(job: dict) -> dict:
     """Time one artifact on one provider: session creation, prefill (time to first token) per prompt
     length, per-token decode latency and tokens/s; then the process's peak resident memory."""
     mb = 1024 * 1024
     rss_start = rss_bytes()
     engine, provider = job["engine"], job["provider"]
-    if engine == "onnxruntime-genai":
-        model = GenaiCausalLM(job["artifact"], provider, threads=job.get("threads"))
-        active = True
-        vocab = json.loads((Path(job["artifact"]) / GENAI_CONFIG).read_text())["model"]["vocab_size"]
-    else:
-        model = OnnxCausalLM(job["artifact"], provider, threads=job.get("threads"))
-        active = model.provider_active
-        vocab = model.session.get_outputs()[0].shape[-1]
-        if not isinstance(vocab, int):
-            vocab = 32000
+    model, active, vocab = _open(job["artifact"], engine, provider, job.get("threads"))
     result = {"engine": engine, "provider": provider, "provider_active": active,
               "session_s": model.session_seconds, "rss_start_mb": rss_start / mb, "rss_loaded_mb": rss_bytes() / mb}
     if not active:
@@ -454,7 +478,7 @@ def measure(job: dict) -> dict:
 def _worker_main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     try:
-        result = measure(job)
+        result = measure_side_by_side(job) if "artifacts" in job else measure(job)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         text = str(exc).strip().splitlines()
         result = {"error": f"{type(exc).__name__}: {text[0][:300] if text else ''}"}

@@ -77,7 +77,10 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     for provider, reason in data.get("skipped_providers", {}).items():
         rows.append([provider.replace("ExecutionProvider", ""), "skipped", reason, "", "", "", "", ""])
     if rows:
-        out.append(("Latency (p50 after warm-up)",
+        alternating = any(lat.get("decode_alternating") for side in (d, e) for lat in side["latency"].values())
+        out.append(("Latency (p50 after warm-up; each artifact in its own process"
+                    + ("; decode tok/s from one process alternating every artifact round by round)" if alternating
+                       else ")"),
                     ["provider", "model", "engine", "prefill ms by prompt tokens", "decode ms/token p50 / p90",
                      "decode tok/s", "peak RSS MB", "session s"], rows))
     rows = []
@@ -128,7 +131,10 @@ def _baseline_table(data: dict):
                      f"{rate:.1f}" if rate else "-",
                      f"{rate / chosen['decode_tok_s']:.2f}x" if rate and chosen else "-", megabytes(record.get("file_bytes"))])
     where = provider.replace("ExecutionProvider", "") if provider else "-"
-    return (f"What users ship today: held-out perplexity and decode on {where}, one bench run",
+    alternating = provider and all(((r.get("latency") or {}).get(provider) or {}).get("decode_alternating")
+                                   for r in (base, data["dense"], data["expert"]))
+    how = "decode alternating the three in one process" if alternating else "one bench run"
+    return (f"What users ship today: held-out perplexity and decode on {where}, {how}",
             ["artifact", "held-out ppl", "decode tok/s", "decode vs baseline", "model files"], rows)
 
 
