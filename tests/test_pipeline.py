@@ -156,7 +156,9 @@ def test_cli_build_is_quiet_and_logs_libraries(tiny_builds, tiny_artifacts, tmp_
 def test_the_dense_models_statistics_come_from_the_user_cache(tiny_artifacts, tmp_path, monkeypatch):  # noqa: F811
     """Two builds of the same model, corpora, method and ratio in different directories: the second takes the
     scores and the damage probes from the user cache (saying so), and its expert is the first's, tensor for
-    tensor. Another ratio measures its own damage but reuses the scores; with the cache off, both are measured."""
+    tensor; validate takes its dense side (our dense export's sums, the dense model's multiple-choice count), its
+    record the same. Another ratio measures its own damage but reuses the scores; with the cache off, both are
+    measured."""
     from safetensors.torch import load_file
 
     from cusprun_edge.pipeline.config import BuildConfig
@@ -164,12 +166,13 @@ def test_the_dense_models_statistics_come_from_the_user_cache(tiny_artifacts, tm
 
     monkeypatch.setenv("CUSPRUN_EDGE_CACHE", str(tmp_path / "cache"))
 
-    def first_stages(name, ratio=0.3):
+    def first_stages(name, ratio=0.3, upto="prune"):
         cfg = BuildConfig(target="x86-cpu", model=str(tiny_artifacts["dense_hf"]), expert="language=en,domain=general",
-                          ratio=ratio, method="cusprun")
+                          ratio=ratio, method="cusprun", precision="fp32", baseline=False, threads=1)
         ctx = BuildContext(cfg, tmp_path / name)
         results = {}
-        for stage in pipeline.STAGES[:3]:  # load, score, prune
+        names = [s.name for s in pipeline.STAGES]
+        for stage in pipeline.STAGES[:names.index(upto) + 1]:
             work = ctx.stage_dir(stage.name)
             work.mkdir(parents=True)
             results[stage.name] = stage.run(ctx, work)
@@ -182,10 +185,17 @@ def test_the_dense_models_statistics_come_from_the_user_cache(tiny_artifacts, tm
             tensors.update(load_file(f))
         return tensors
 
-    first, a = first_stages("a")
+    first, a = first_stages("a", upto="validate")
     assert "from_cache" not in first["score"] and "layer_damage_from_cache" not in first["prune"]
-    second, b = first_stages("b")
+    assert "dense_side_from_cache" not in first["validate"]
+    second, b = first_stages("b", upto="validate")
     assert second["score"]["from_cache"] and second["prune"]["layer_damage_from_cache"]
+    # validate's dense side (our dense export and the dense model, the same in both builds) too; the same record
+    assert second["validate"]["dense_side_from_cache"]
+    va, vb = (json.loads((o / "validate" / "validate.json").read_text()) for o in (a, b))
+    assert vb["dense_side_reused"] and not va["dense_side_reused"]
+    assert vb["overall"] == va["overall"] and vb["dense_side"] == va["dense_side"]
+    assert {**vb["three_way"], "dense_artifact": None} == {**va["three_way"], "dense_artifact": None}  # each its own
     assert (b / "score" / "scores.safetensors").read_bytes() == (a / "score" / "scores.safetensors").read_bytes()
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -214,6 +214,28 @@ def test_real_smollm2_two_layers_validate_and_bench(smollm2, tmp_path):
     assert result["decode"]["tok_s"] > 0 and result["peak_rss_mb"] > 0
 
 
+def test_validate_reuses_what_does_not_depend_on_the_expert(tiny_artifacts):
+    """`reuse` (an earlier record's dense_side: our dense export's sums against the reference and the dense model's
+    multiple-choice count) gives the record a full validate gives; the reused figures are the ones reported."""
+    art = tiny_artifacts
+    first = _validate(art, art["expert_art"], quantized_dense=art["dense_art"])
+    side = first["dense_side"]
+    assert set(side["quantized"]) == {"language/en", "domain/general"} and not first["dense_side_reused"]
+    again = _validate(art, art["expert_art"], quantized_dense=art["dense_art"], reuse=side)
+    assert again["dense_side_reused"] and again["dense_side"] == side
+    for key in ("categories", "overall", "three_way"):
+        assert again[key] == first[key], key
+    # the reused sums are what the record reports: one changed by hand moves its figures
+    changed = copy.deepcopy(side)
+    changed["quantized"]["domain/general"]["test_nll"] += changed["quantized"]["domain/general"]["tokens"]
+    changed["dense_mc"]["domain/general"] = 0
+    moved = _validate(art, art["expert_art"], quantized_dense=art["dense_art"], reuse=changed)
+    share = side["quantized"]["domain/general"]["tokens"] / first["three_way"]["tokens"]  # one nat more per token there
+    assert moved["three_way"]["dense_quantized"]["ppl"] == pytest.approx(
+        first["three_way"]["dense_quantized"]["ppl"] * math.exp(share), rel=1e-9)
+    assert moved["categories"]["domain/general"]["dense"]["acc"] == 0
+
+
 def test_three_way_separates_quantization_from_pruning(tiny_artifacts):
     """Dense fp32 (PyTorch) / dense export / expert export, each against the dense PyTorch model."""
     art = tiny_artifacts

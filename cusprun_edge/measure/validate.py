@@ -204,6 +204,7 @@ def validate(
     on_category=None,
     quantized_dense=None,
     baseline=None,
+    reuse: dict | None = None,
 ) -> dict:
     """Measure dense vs expert on held-out text; writes `out` (a .json path) when given.
 
@@ -214,6 +215,9 @@ def validate(
     dense at the target precision / expert at the target precision, so quantization's cost and
     pruning's show apart. `baseline`: what a user would ship instead (ONNX Runtime GenAI's builder, int4, on the
     dense model; baseline.py), measured on the same texts against the same reference (record["baseline"]).
+    `reuse`: record["dense_side"] of an earlier validate of the same dense model, `quantized_dense`, `baseline`,
+    texts and settings (what does not depend on the expert: those two artifacts' sums against the reference, the
+    dense model's multiple-choice count, per category); those are taken instead of measured again.
     Returns the record also written to `out`."""
     from .evaluate import torch_logits_fn
     from .runtime import OnnxCausalLM, read_manifest
@@ -283,13 +287,21 @@ def validate(
     quantized_totals = dict.fromkeys(shared, 0)
     baseline_totals = dict.fromkeys(shared, 0)
     mc_totals = [0, 0, 0]
+    reuse = reuse if dense_artifact is None else None  # reused sums are against the PyTorch reference
+    reused = {side: (reuse or {}).get(side) or {} for side in ("quantized", "baseline", "dense_mc")}
+    dense_side: dict[str, dict] = {side: {} for side in reused}
     for name, data in sets.items():
         # the PyTorch reference runs once per batch for every artifact compared with it
         tests = {**({"expert": expert_fn} if not trimmed else {}),
-                 **({"quantized": quantized_fn} if quantized_fn is not None else {}),
-                 **({"baseline": baseline_fn} if baseline_fn is not None else {})}
+                 **({"quantized": quantized_fn} if quantized_fn is not None and name not in reused["quantized"] else {}),
+                 **({"baseline": baseline_fn} if baseline_fn is not None and name not in reused["baseline"] else {})}
         compared = compare_many(dense_fn, tests, tokenizer, data["texts"], batch_size=batch_size,
                                 max_length=max_length) if data["texts"] and tests else {}
+        for side, fn in (("quantized", quantized_fn), ("baseline", baseline_fn)):
+            if fn is not None and name in reused[side]:
+                compared[side] = reused[side][name]
+            if side in compared:
+                dense_side[side][name] = compared[side]
         if not data["texts"]:
             sums = dict.fromkeys(totals, 0)
         elif trimmed:
@@ -297,8 +309,10 @@ def validate(
                                    max_length=max_length, test_max_length=expert_rt.context_length or 4 * max_length)
         else:
             sums = compared["expert"]
-        mc = (_mc_count(dense_fn, tokenizer, data["mc"]), _mc_count(expert_fn, expert_tok, data["mc"]),
-              len(data["mc"]))
+        dense_mc = reused["dense_mc"].get(name)
+        dense_side["dense_mc"][name] = dense_mc = _mc_count(dense_fn, tokenizer, data["mc"]) if dense_mc is None \
+            else dense_mc
+        mc = (dense_mc, _mc_count(expert_fn, expert_tok, data["mc"]), len(data["mc"]))
         for k in totals:
             totals[k] += sums[k]
         for i in range(3):
@@ -331,6 +345,7 @@ def validate(
         "settings": {"max_length": max_length, "batch_size": batch_size, "max_docs": max_docs, "max_mc": max_mc,
                      "held_out_only": True},
         "seconds": round(time.time() - t0, 2),
+        **({"dense_side": dense_side, "dense_side_reused": bool(reuse)} if dense_artifact is None else {}),
     }
     if quantized_fn is not None and quantized_totals["tokens"]:
         record["three_way"] = {**three_way(totals, quantized_totals), "precision": manifest.get("precision"),

@@ -367,21 +367,39 @@ class ValidateStage(Stage):
         from ..measure.baseline import builder_or_reason
 
         builder, no_builder = builder_or_reason(ctx.config.model) if ctx.config.baseline else (None, None)
+        dense_export = ctx.stage_dir("export") / "dense"
+        quantized = dense_export if (dense_export / "manifest.json").is_file() else None
+        # what does not depend on the expert (our dense export's and the builder's sums against the dense model, its
+        # multiple-choice count) is the same in every build of this model, corpora and target: kept in the user cache
+        key = self.dense_side_key(ctx, builder) if quantized is not None else None
+        reuse = (cached_statistics(key, work) or {}).get("dense_side") if key else None
         try:
-            dense_export = ctx.stage_dir("export") / "dense"
             record = validate((model, tok), ctx.stage_dir("export") / "expert", expert=ctx.config.expert,
-                              out=work / VALIDATE_FILE, threads=ctx.config.threads,
-                              quantized_dense=dense_export if (dense_export / "manifest.json").is_file() else None,
-                              baseline=builder,
+                              out=work / VALIDATE_FILE, threads=ctx.config.threads, quantized_dense=quantized,
+                              baseline=builder, reuse=reuse,
                               on_category=lambda name, _: ctx.progress.update(description=f"validate: {name} done"))
         finally:
             hook.remove()
+        if key and reuse is None:
+            store_statistics(key, work, {"dense_side": record["dense_side"]})
         overall = record["overall"]
         return {"file": VALIDATE_FILE, "categories": list(record["categories"]),
+                **({"dense_side_from_cache": key} if reuse is not None else {}),
                 "retention": overall["retention"], "top1_agreement": overall.get("top1_agreement"),
                 "kl": overall.get("kl"), "dense_ppl": overall["dense"].get("ppl"),
                 "expert_ppl": overall["expert"].get("ppl"),
                 "baseline_ppl": (record.get("baseline") or {}).get("ppl"), "no_baseline": no_builder}
+
+    def dense_side_key(self, ctx, builder) -> str:
+        """What decides validate's dense side: the dense model, corpora, target and settings, our dense export (its
+        own content key) and the builder's artifact (its cache entry, named by the model's files and the builder's
+        version)."""
+        from .stage import content_key
+
+        return content_key(ctx, (LoadStage, ValidateStage),
+                           ("model", "trust_remote_code", "allow_pickle", "expert", "target", "threads"),
+                           dense_export=ExportStage().dense_key(ctx), builder=builder.name if builder else None,
+                           what="validate dense side")
 
 
 class BenchStage(Stage):
