@@ -1,5 +1,6 @@
 """The report's headline: the expert against what a user would ship without it (the GenAI builder's int4 of
-the dense model, or our dense export where that is better on both axes), in one sentence with both figures."""
+the dense model, or our dense export where its quality is better at no lower speed), in one sentence with both
+figures."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ def _expert_text(config: dict) -> str:
 
 
 
+# Decode rates this close are one speed: in alternating runs here our dense int4 and the builder's measured 0.99x
+# and 1.01x of each other on the same artifacts, which flipped the alternative a verdict named from run to run.
+SAME_SPEED = 0.05
+
+
 def shipping_baseline(data: dict) -> dict | None:
     """The dense artifact a user would otherwise ship, with the figures the verdict compares: the GenAI builder's
-    int4, or our own dense export where it is better on both decode speed and held-out perplexity.
-    {side, label, provider, decode_tok_s, ppl, file_bytes}; None when the builder was not measured."""
+    int4, or our own dense export where its held-out perplexity is lower and it decodes no slower (within
+    SAME_SPEED). {side, label, provider, decode_tok_s, ppl, file_bytes}; None when the builder was not measured."""
     base = data.get("baseline") or {}
     provider = next((p for p in (base.get("latency") or {}) if decode_rate(data["expert"], p)), None)
     if provider is None or not artifact_ppl(data, "baseline"):
@@ -29,7 +35,7 @@ def shipping_baseline(data: dict) -> dict | None:
     ours = {"side": "dense", "label": f"our dense {data['dense'].get('precision') or ''} export".replace("  ", " "),
             "provider": provider, "decode_tok_s": decode_rate(data["dense"], provider), "ppl": artifact_ppl(data, "dense"),
             "file_bytes": data["dense"].get("file_bytes")}
-    if ours["decode_tok_s"] and ours["ppl"] and ours["decode_tok_s"] > builder["decode_tok_s"] \
+    if ours["decode_tok_s"] and ours["ppl"] and ours["decode_tok_s"] >= builder["decode_tok_s"] * (1 - SAME_SPEED) \
             and ours["ppl"] < builder["ppl"]:
         return ours
     return builder
