@@ -110,8 +110,10 @@ def speed(artifacts: dict[str, Path], settings: dict) -> dict:
 
 
 def file_bytes(directory: Path) -> int:
-    """The graph and its weights (model.onnx*), without the tokenizer and configs."""
-    return sum(p.stat().st_size for p in Path(directory).glob("model.onnx*"))
+    """The graph and its weights, without the tokenizer and configs (the bench's and the report's count)."""
+    from cusprun_edge.measure.runtime import model_file_bytes
+
+    return model_file_bytes(directory)
 
 
 def file_mb(directory: Path) -> float:
