@@ -174,3 +174,21 @@ def test_a_lazy_models_fingerprint_reads_its_layers_once_until_one_is_rewritten(
     with materialized(lazy, 0) as layer:  # a rewritten layer (here: the same values) makes it hash again
         reader.stage_layer("model.layers.0.", layer, tmp_path / "layer-0.safetensors")
     assert model_fingerprint(lazy) == model_fingerprint(eager) and len(reads) > n_layer_tensors + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batches_pad_on_the_right_whatever_the_tokenizer_says(family):
+    """Gemma-3's tokenizer pads on the left; a left-padded row starts at a later position and scores
+    differently. Batched NLL equals the sum over documents scored one by one."""
+    from cusprun_edge.measure.evaluate import nll_total, torch_logits_fn
+    from cusprun_edge.model.sequential import padded_batches
+
+    model, tok = tiny_model(family)
+    tok.padding_side = "left"
+    texts = [t for t in TEXT if len(tok(t)["input_ids"]) > 3][:4]
+    ids, mask = next(padded_batches(tok, texts, 4, 512))
+    assert len({int(m.sum()) for m in mask}) > 1  # the batch does pad
+    assert all(bool(m[: int(m.sum())].all()) for m in mask)  # real tokens first, padding after
+    fn = torch_logits_fn(model)
+    one_by_one = sum(nll_total(fn, tok, [t], batch_size=1)[0] for t in texts)
+    assert nll_total(fn, tok, texts, batch_size=4)[0] == pytest.approx(one_by_one, rel=1e-4)

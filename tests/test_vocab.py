@@ -225,6 +225,17 @@ def test_gemma_trimmed_tokenizer_round_trips_hostile_text():
     assert round_trip_failures(tok, new_tok, MORE_HOSTILE + TEXT[:5]) == []
     assert new_tok("hi")["input_ids"][0] == new_tok.bos_token_id == new_to_old.index(tok.bos_token_id)
     assert sum(t.startswith("<0x") for t in new_tok.convert_ids_to_tokens(list(range(len(new_tok))))) == 256
+    # text whose dense tokens are all kept tokenizes as before, and every kept token BPE forms from its own
+    # string still forms (Gemma-3 spells a token with many merges: keeping the first listed one is not enough)
+    for text in TEXT[:5]:
+        assert [new_to_old[i] for i in new_tok(text)["input_ids"]] == tok(text)["input_ids"]
+    keep = set(range(0, len(tok), 7))
+    new_tok, new_to_old = trim_tokenizer(tok, keep)
+    dense_bpe, trimmed_bpe = tok.backend_tokenizer.model, new_tok.backend_tokenizer.model
+    strings = [s for s in tok.convert_ids_to_tokens(sorted(keep)) if len(s) > 2]
+    formed = [s for s in strings if [t.value for t in dense_bpe.tokenize(s)] == [s]]
+    assert len(formed) > 10000
+    assert [s for s in formed if [t.value for t in trimmed_bpe.tokenize(s)] != [s]] == []
 
 
 def test_old_layout_experts_still_load(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..model import arch
-from ..model.sequential import Stop
+from ..model.sequential import Stop, padded_batches
 from . import quant_plan
 
 # Up to this many documents, taken evenly across the expert's corpora: on the 25% en+general SmolLM2 expert,
@@ -79,13 +79,10 @@ def input_grams(model, tokenizer, texts: list[str], names: list[str], *, batch_s
     try:
         if len(texts) > MAX_DOCUMENTS:  # evenly spaced, so every corpus of the expert is represented
             texts = [texts[i * len(texts) // MAX_DOCUMENTS] for i in range(MAX_DOCUMENTS)]
-        for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_tokens)
-            mask["flat"] = enc["attention_mask"].reshape(-1).bool().to(device)
+        for ids, attention in padded_batches(tokenizer, texts, batch_size, max_tokens):
+            mask["flat"] = attention.reshape(-1).bool().to(device)
             try:
-                model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                      use_cache=False)
+                model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
             except Stop:
                 pass
     finally:

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..model.sequential import padded_batches
+
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -24,13 +26,6 @@ def torch_logits_fn(model, *, on_device: bool = False) -> LogitsFn:
         return logits if on_device else logits.cpu()
 
     return fn
-
-
-def _batches(tokenizer, texts, batch_size, max_length):
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
-        yield enc["input_ids"], enc["attention_mask"]
 
 
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -55,7 +50,7 @@ def nll_total(logits_fn: LogitsFn, tokenizer, texts: list[str], *, batch_size: i
               max_length: int = 512) -> tuple[float, int]:
     """Summed next-token NLL over all real tokens of `texts`, and how many tokens that was."""
     nll, count = 0.0, 0
-    for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
+    for ids, mask in padded_batches(tokenizer, texts, batch_size, max_length):
         s, n = nll_sum(logits_fn(ids, mask), ids, mask)
         nll, count = nll + s, count + n
     return nll, count
@@ -157,7 +152,7 @@ def agreement(ref_fn: LogitsFn, test_fn: LogitsFn, tokenizer, texts: list[str], 
               max_length: int = 512) -> dict:
     """Top-1 next-token agreement and mean KL(ref || test) over real tokens."""
     agree, kl, count = 0, 0.0, 0
-    for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
+    for ids, mask in padded_batches(tokenizer, texts, batch_size, max_length):
         a, k, n = agreement_sums(ref_fn(ids, mask), test_fn(ids, mask), mask)
         agree, kl, count = agree + a, kl + k, count + n
     return {"top1_agreement": agree / max(1, count), "kl": kl / max(1, count)}

@@ -117,11 +117,12 @@ def compare_many(ref_fn, test_fns: dict, tokenizer, texts: list[str], *, batch_s
     """`compare_texts`' sums for each of `test_fns` ({name: logits fn}) against one reference, which runs once
     per batch for all of them (validate compares the expert, our dense export and the builder's with the same
     PyTorch model: one forward instead of three)."""
-    from .evaluate import _batches, agreement_sums, nll_sum
+    from ..model.sequential import padded_batches
+    from .evaluate import agreement_sums, nll_sum
 
     outs = {name: {"ref_nll": 0.0, "test_nll": 0.0, "tokens": 0, "agree": 0, "kl": 0.0, "positions": 0}
             for name in test_fns}
-    for ids, mask in _batches(tokenizer, texts, batch_size, max_length):
+    for ids, mask in padded_batches(tokenizer, texts, batch_size, max_length):
         ref = ref_fn(ids, mask)
         ref_nll = nll_sum(ref, ids, mask)[0]
         for name, test_fn in test_fns.items():

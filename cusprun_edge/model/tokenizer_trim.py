@@ -96,36 +96,43 @@ def required_ids(tj: dict, chat_template: str | None = None) -> set[int]:
 
 
 def close_under_merges(tj: dict, keep: set[int]) -> set[int]:
-    """`keep` plus the parents of each kept token's first merge, recursively: without them the token
+    """`keep` plus every token its BPE derivation passes through (`bpe_pieces`): without them the token
     could never be formed by the merges a trimmed tokenizer keeps."""
-    vocab: dict[str, int] = tj["model"]["vocab"]
-    parents: dict[str, tuple[str, str]] = {}
-    for merge in tj["model"]["merges"]:
-        a, b = _merge_pair(merge)
-        parents.setdefault(a + b, (a, b))
-    by_id = {i: t for t, i in vocab.items()}
-    out, todo = set(keep), [by_id[i] for i in keep if i in by_id]
-    while todo:
-        pair = parents.get(todo.pop())
-        if pair is None:
-            continue
-        for part in pair:
-            i = vocab.get(part)
-            if i is not None and i not in out:
-                out.add(i)
-                todo.append(part)
+    pieces = bpe_pieces(tj)
+    out = set(keep)
+    for i in keep:
+        out.update(pieces.get(i, ()))
     return out
 
 
-def merge_parent_ids(tj: dict) -> dict[int, tuple[int, int]]:
-    """Token id -> ids of the two pieces its first (lowest-rank) merge joins."""
+def bpe_pieces(tj: dict) -> dict[int, tuple[int, ...]]:
+    """Token id -> ids of the characters and intermediate tokens BPE passes through when it encodes the
+    token's string.
+
+    A token has many merges that spell it (Gemma-3's 262,144 tokens have 514,906 merges), and BPE reaches
+    it through the lowest-ranked ones its characters allow, not through the first merge listed for it.
+    Inside running text the merges within a final token's span fire in the same order as on its string
+    alone (each one is the lowest-ranked pair available at its step in both), so keeping these pieces keeps
+    every kept token reachable and leaves the dense tokenization of kept words unchanged."""
     vocab: dict[str, int] = tj["model"]["vocab"]
-    out: dict[int, tuple[int, int]] = {}
-    for merge in tj["model"]["merges"]:
-        a, b = _merge_pair(merge)
-        i, ia, ib = vocab.get(a + b), vocab.get(a), vocab.get(b)
-        if i is not None and ia is not None and ib is not None and i not in out:
-            out[i] = (ia, ib)
+    ranks: dict[tuple[str, str], int] = {}
+    for rank, merge in enumerate(tj["model"]["merges"]):
+        ranks.setdefault(_merge_pair(merge), rank)
+    out: dict[int, tuple[int, ...]] = {}
+    for token, i in vocab.items():
+        symbols, made = list(token), []
+        while len(symbols) > 1:
+            best, at = None, 0
+            for k in range(len(symbols) - 1):
+                rank = ranks.get((symbols[k], symbols[k + 1]))
+                if rank is not None and (best is None or rank < best):
+                    best, at = rank, k
+            if best is None:
+                break
+            symbols[at:at + 2] = [symbols[at] + symbols[at + 1]]
+            made.append(symbols[at])
+        if len(symbols) == 1 and made:  # its characters, then what they were joined into
+            out[i] = tuple(vocab[t] for t in dict.fromkeys([*token, *made[:-1]]) if t in vocab)
     return out
 
 

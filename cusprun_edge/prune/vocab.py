@@ -108,7 +108,7 @@ class KeepRule:
     """The tokens a trimmed vocabulary keeps for a size (see the module docstring); `keep(size)`."""
 
     def __init__(self, tokenizer, calib_texts: list[str], languages: list[str], words: int = WORDFREQ_WORDS):
-        from ..model.tokenizer_trim import merge_parent_ids, required_ids
+        from ..model.tokenizer_trim import bpe_pieces, required_ids
 
         tj = json.loads(tokenizer.backend_tokenizer.to_str())
         chat = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
@@ -122,7 +122,7 @@ class KeepRule:
                             f"byte pieces; scripts: {scripts}): trimming its vocabulary cannot keep that text "
                             "readable; drop --prune-vocab")
         self.required = required_ids(tj, chat) | {i for i in tokenizer.all_special_ids if i is not None}
-        self.parents = merge_parent_ids(tj)
+        self.parents = bpe_pieces(tj)
         letter_free = {i for i, s in enumerate(strings) if not any(c.isalpha() for c in s)}
         calib = {i for t in calib_texts for i in tokenizer(t)["input_ids"]}
         self.base = self._closed(self.required | letter_free | calib)
