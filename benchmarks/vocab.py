@@ -213,6 +213,38 @@ def coverage_table(model_name: str, sizes: list[int]) -> dict:
     return rows
 
 
+def size_points(model_name: str, sizes: list[int]) -> dict:
+    """The size search's measure at every size of a list, on the dense model (no pruning): perplexity per dense
+    token on the held-apart tune documents (PyTorch fp32) and its ratio to the untrimmed model's, with the
+    coverage of those documents. The tune split only: this is where the keep rule and floor are judged."""
+    from cusprun_edge.config.corpora import ExpertSpec, calibration_documents
+    from cusprun_edge.measure.evaluate import clip_to_tokens, text_quality, torch_logits_fn
+    from cusprun_edge.model.load import load_model
+    from cusprun_edge.model.tokenizer_trim import trim_tokenizer
+    from cusprun_edge.prune.vocab import KeepRule, coverage, expert_languages, trimmed_logits_fn
+
+    model, tok = load_model(model_name)
+    corpora = ExpertSpec.parse(SPEC).corpora()
+    rule = KeepRule(tok, calibration_documents(corpora), expert_languages(corpora))
+    tune = clip_to_tokens(tok, [t for c in corpora.values() for t in c.tune], MAX_TOKENS)
+    dense = text_quality(torch_logits_fn(model), tok, tune, tok, batch_size=max(1, int(4 * 49152 / len(tok))))
+    rows = {"untrimmed": {"ppl_per_dense_token": round(dense["ppl_per_dense_token"], 4)}}
+    for size in sizes:
+        keep = rule.keep(size)
+        new_tok, new_to_old = trim_tokenizer(tok, keep)
+        q = text_quality(trimmed_logits_fn(model, new_to_old), new_tok, tune, tok,
+                         batch_size=max(1, int(4 * 49152 / len(new_to_old))), max_length=4 * MAX_TOKENS)
+        rows[str(size)] = {"ppl_per_dense_token": round(q["ppl_per_dense_token"], 4),
+                           "vs_untrimmed": round(q["ppl_per_dense_token"] / dense["ppl_per_dense_token"], 4),
+                           "coverage": round(coverage(tok, keep, tune), 5), "always_kept": len(rule.base)}
+        print(size, rows[str(size)], file=sys.stderr, flush=True)
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
+    data.setdefault("size_points", {})[f"{model_name}/{SPEC}/tune"] = {**rows, "machine": machine()}
+    write_json("vocab.json", data)
+    return rows
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks vocab")
     p.add_argument("--model", default="gemma3-270m")
@@ -224,10 +256,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-builder-quality", action="store_true", help="time the builder's artifact, do not score it")
     p.add_argument("--speed-only", default="", help="only decode speed, for this entry of vocab.json")
     p.add_argument("--coverage", default="", help="only the tokenizer's coverage table at these comma-separated sizes")
+    p.add_argument("--size-points", default="", help="only the size search's tune measure at these comma-separated sizes")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.speed_only:
         print(json.dumps(speed_only(a.model, a.speed_only), indent=1))
+        return
+    if a.size_points:
+        print(json.dumps(size_points(a.model, [int(x) for x in a.size_points.split(",")]), indent=1))
         return
     if a.coverage:
         print(json.dumps(coverage_table(a.model, [int(x) for x in a.coverage.split(",")]), indent=1))
