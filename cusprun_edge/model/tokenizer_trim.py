@@ -8,8 +8,9 @@ Every string stays representable because the base alphabet is always kept:
   - byte-fallback BPE: the 256 <0xNN> pieces (a character with no kept token falls back to its bytes);
   - other BPE: every single-character token (what the original had, no more).
 Special tokens (the tokenizer's named ones, added special tokens except Gemma's <unusedN> placeholders,
-those a chat template names) and the unknown token are kept too. The kept set is closed under merge
-parents, so every kept token can still be reached by the merges left.
+those a chat template names) and the unknown token are kept too. The kept set is closed under each kept
+token's BPE derivation (`bpe_pieces`: its characters and the pieces BPE joins on its own string), so every
+kept token still forms, and text whose dense tokens are all kept tokenizes exactly as before.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _remap_post_processor(node, old_to_new: dict[int, int]):
 
 
 def trim_tokenizer_json(tj: dict, keep: Iterable[int], chat_template: str | None = None) -> tuple[dict, list[int]]:
-    """A copy of tokenizer.json `tj` over the kept ids (plus the required ones and merge parents), with
+    """A copy of tokenizer.json `tj` over the kept ids (plus the required ones and their BPE pieces), with
     new contiguous ids in the original order. Returns (new tokenizer.json, original id of each new id)."""
     # the caller's dict stays as it was: the parts rewritten below are copied (a deep copy of 500k merges is slow)
     tj = {**tj, "model": dict(tj["model"]), "post_processor": json.loads(json.dumps(tj.get("post_processor")))}

@@ -128,14 +128,14 @@ class KeepRule:
         self.base = self._closed(self.required | letter_free | calib)
         freq = word_token_frequencies(tokenizer, languages, words)
         ranked = sorted((i for i in range(self.vocab_size) if i not in self.base), key=lambda i: (-freq.get(i, 0.0), i))
-        # each candidate after the ancestors its merges need, so any prefix of the order is a closed set
+        # each candidate after the pieces its BPE derivation needs, so any prefix of the order is a closed set
         self.order: list[int] = []
         seen = set(self.base)
         for i in ranked:
             self._add_with_ancestors(i, seen)
 
     def _add_with_ancestors(self, i: int, seen: set[int]) -> None:
-        stack = [(i, False)]  # post-order: parents first
+        stack = [(i, False)]  # post-order: pieces first
         while stack:
             j, expanded = stack.pop()
             if j in seen:
