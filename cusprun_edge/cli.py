@@ -304,6 +304,11 @@ def build(
                                                            "report (repeatable)."),
     prune_vocab: bool = typer.Option(False, "--prune-vocab", help="Also trim the vocabulary to the expert's languages "
                                      "(its own tokenizer; the size is chosen on held-apart documents)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="With --prune-vocab: keep this many tokens "
+                                             "(default: the smallest size within --vocab-floor on held-apart documents)."),
+    vocab_floor: Optional[float] = typer.Option(None, "--vocab-floor", help="With --prune-vocab: the chosen size keeps "
+                                                "held-apart perplexity per dense token within this factor of the "
+                                                "untrimmed expert's (default 1.02)."),
     max_ppl_ratio: Optional[float] = typer.Option(
         None, "--max-ppl-ratio", help="Search the largest ratio whose perplexity on calibration documents held apart "
         "from scoring stays within this factor of dense (e.g. 1.2); --ratio is then ignored."),
@@ -341,6 +346,7 @@ def build(
     given = {"target": target, "model": model, "expert": expert, "ratio": ratio, "method": method,
              "precision": precision, "quant_plan": quant_plan, "method_options": _options(option), "threads": threads,
              "quick_bench": quick_bench, "prompts": prompt, "prune_vocab": prune_vocab,
+             "vocab_size": vocab_size, "vocab_floor": vocab_floor,
              "max_ppl_ratio": max_ppl_ratio, "beat_baseline": beat_baseline, "baseline": baseline,
              "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "max_memory": max_memory,
              "formats": sorted({f.strip() for item in fmt for f in item.split(",") if f.strip()} | {"onnx"},

@@ -13,7 +13,8 @@ from cusprun_edge.pipeline.config import BuildConfig
 def test_recipe_round_trips_every_field(tmp_path):
     cfg = BuildConfig(target="jetson-orin", ratio=0.1, method="wanda-sp", precision="int4",
                       method_options={"tau": 1.5, "allocation": "uniform"}, threads=2, prompts=("Say \"hi\"",),
-                      quant_plan="fast", beat_baseline=True, formats=("onnx", "gguf"))
+                      quant_plan="fast", beat_baseline=True, formats=("onnx", "gguf"), prune_vocab=True,
+                      vocab_size=65536, vocab_floor=1.05)
     path = tmp_path / "recipe.toml"
     path.write_text(cfg.recipe_text())
     assert BuildConfig.from_recipe(path) == cfg
@@ -42,6 +43,9 @@ def test_a_bad_recipe_is_refused_with_its_key(tmp_path, text, words):
     ({"max_ppl_ratio": 0.9}, "must be above 1.0"),
     ({"formats": ("onnx", "tflite")}, "--format must be onnx or gguf"),
     ({"precision": "int3"}, "precision 'int3' is not available"),
+    ({"vocab_size": 65536}, "add --prune-vocab"),
+    ({"prune_vocab": True, "vocab_size": 0}, "must be a positive number of tokens"),
+    ({"prune_vocab": True, "vocab_floor": 0.9}, "is below 1.0"),
 ])
 def test_each_check_lives_in_check_config(changes, words):
     with pytest.raises(UserError) as err:

@@ -29,6 +29,12 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
         raise UserError("--beat-baseline needs the baseline: drop --no-baseline")
     if cfg.beat_baseline and cfg.max_ppl_ratio is not None:
         raise UserError("--beat-baseline and --max-ppl-ratio each choose the ratio: pass one of them")
+    if (cfg.vocab_size is not None or cfg.vocab_floor is not None) and not cfg.prune_vocab:
+        raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
+    if cfg.vocab_size is not None and cfg.vocab_size < 1:
+        raise UserError(f"--vocab-size {cfg.vocab_size} must be a positive number of tokens")
+    if cfg.vocab_floor is not None and cfg.vocab_floor < 1.0:
+        raise UserError(f"--vocab-floor {cfg.vocab_floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
     if cfg.quant_plan not in PLANS:
         raise UserError(f"--quant-plan '{cfg.quant_plan}' is unknown; choose {' or '.join(PLANS)}")
     if cfg.max_ppl_ratio is not None:

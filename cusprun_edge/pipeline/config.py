@@ -38,6 +38,8 @@ class BuildConfig:
     quick_bench: bool = False
     prompts: tuple[str, ...] = ()  # the user's own prompts for the generations
     prune_vocab: bool = False
+    vocab_size: int | None = None  # with prune_vocab: this many tokens, instead of the size search
+    vocab_floor: float | None = None  # with prune_vocab: the size search's floor (prune/vocab.py DEFAULT_FLOOR when None)
     max_ppl_ratio: float | None = None  # when set, the prune stage searches the ratio (search.py)
     quant_plan: str = "fast"  # the int4 plan (export/quant_plan.py PLANS)
     beat_baseline: bool = False  # search the largest ratio whose int4 is no worse than the GenAI builder's dense

@@ -71,7 +71,8 @@ class PruneStage(Stage):
     depends = ("score",)
 
     def config_keys(self):
-        return ("expert", "ratio", "method", "method_options", "prune_vocab", "max_ppl_ratio", "beat_baseline")
+        return ("expert", "ratio", "method", "method_options", "prune_vocab", "vocab_size", "vocab_floor",
+                "max_ppl_ratio", "beat_baseline")
 
     def fingerprint(self, ctx):
         fp = super().fingerprint(ctx)
@@ -116,6 +117,7 @@ class PruneStage(Stage):
                                     extra={"expert": cfg.expert, "base_model": cfg.model, "ratio_search": search},
                                     corpora=corpora, vocab_texts=calib if cfg.prune_vocab else None,
                                     vocab_held_out=vocab_held_out(corpora) if cfg.prune_vocab else None,
+                                    vocab_size=cfg.vocab_size, vocab_floor=cfg.vocab_floor,
                                     pruned_record=pruned_record, layer_damage=damage)
         if damage_key and damage is None and record.get("layer_damage"):
             store_statistics(damage_key, work, {"layer_damage": record["layer_damage"]})
