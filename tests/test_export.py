@@ -148,6 +148,25 @@ def test_onnx_graph_io_follows_per_layer_kv_heads(exports):
     assert {"GroupQueryAttention", "MatMulNBits"} <= ops
 
 
+def test_gemma_per_head_norms_run_without_transposes(exports):
+    """Gemma-3's q/k norms are traced between two Transposes per projection, which the graph passes drop (a norm
+    over each head's vector does not care how heads and positions are ordered); fp32 parity above holds."""
+    import onnx
+
+    for case in ("gemma3-dense",):
+        graph = onnx.load(str(exports[case][2] / "model.onnx"), load_external_data=False).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        consumers = {}
+        for n in graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n.op_type)
+        norms = [n for n in graph.node if n.op_type == "SimplifiedLayerNormalization"]
+        assert len(norms) > 2 * sum(n.op_type == "GroupQueryAttention" for n in graph.node), case
+        beside = [n.name for n in norms
+                  if producer.get(n.input[0]) == "Transpose" or "Transpose" in consumers.get(n.output[0], [])]
+        assert beside == [], case
+
+
 def test_precision_specifics(exports):
     import onnx
 

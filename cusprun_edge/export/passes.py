@@ -39,6 +39,7 @@ def finish_graph(onnx_model, model, ort_fusions: bool) -> None:
         # the residual Add joins the next RMSNorm (SkipSimplifiedLayerNormalization, which also returns the
         # sum): 60 fewer nodes per decode step on SmolLM2, as the GenAI builder's graph has
         fuse_skip_rms_normalization(onnx_model)
+        _norms_without_transposes(graph)
         _attention_without_reshapes(graph)
         _pack_qkv_projections(graph)
         ir.passes.common.RemoveUnusedNodesPass()(onnx_model)
@@ -75,6 +76,28 @@ def _attention_without_reshapes(graph) -> None:
 
 
 _SWAP = [0, 2, 1, 3]
+
+
+def _norms_without_transposes(graph) -> None:
+    """Transpose(0, 2, 1, 3) -> SimplifiedLayerNormalization over the last axis -> Transpose(0, 2, 1, 3) is the
+    norm alone: swapping the heads and positions axes does not change a norm over each head's own vector.
+    Gemma-3's per-head q/k norms are traced that way, 4 Transposes per layer that ONNX Runtime would run at
+    every decode step."""
+    for node in list(graph):
+        if node.op_type != "SimplifiedLayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0]
+        before = _producer(x, "Transpose", _SWAP)
+        uses = list(node.outputs[0].uses())
+        if (before is None or len(list(x.uses())) != 1 or len(uses) != 1 or uses[0].idx != 0
+                or node.attributes.get_int("axis", -1) not in (-1, 3)):
+            continue
+        after = uses[0].node
+        if _producer(after.outputs[0], "Transpose", _SWAP) is None or after.outputs[0].is_graph_output():
+            continue
+        node.replace_input_with(0, before.inputs[0])
+        node.outputs[0].shape = before.inputs[0].shape.copy() if before.inputs[0].shape is not None else None
+        ir.convenience.replace_all_uses_with(after.outputs[0], node.outputs[0])
 
 
 def _before_views(value):
