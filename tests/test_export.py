@@ -148,9 +148,10 @@ def test_onnx_graph_io_follows_per_layer_kv_heads(exports):
     assert {"GroupQueryAttention", "MatMulNBits"} <= ops
 
 
-def test_gemma_per_head_norms_run_without_transposes(exports):
+def test_gemma_norms_without_transposes_and_one_gelu_node(exports):
     """Gemma-3's q/k norms are traced between two Transposes per projection, which the graph passes drop (a norm
-    over each head's vector does not care how heads and positions are ordered); fp32 parity above holds."""
+    over each head's vector does not care how heads and positions are ordered), and its tanh GELU becomes one
+    FastGelu per layer; fp32 parity above holds."""
     import onnx
 
     for case in ("gemma3-dense",):
@@ -165,6 +166,8 @@ def test_gemma_per_head_norms_run_without_transposes(exports):
         beside = [n.name for n in norms
                   if producer.get(n.input[0]) == "Transpose" or "Transpose" in consumers.get(n.output[0], [])]
         assert beside == [], case
+        assert sum(n.op_type == "FastGelu" for n in graph.node) == len(norms) // 4 > 0, case  # one per layer
+        assert not any(n.op_type == "Tanh" for n in graph.node), case
 
 
 def test_precision_specifics(exports):
