@@ -32,8 +32,9 @@ SPEED = {"new_tokens": 128, "rounds": 5, "threads": 2}
 
 def _quality(logits_fn, own_tok, texts, dense_tok, vocab: int) -> dict:
     from cusprun_edge.measure.evaluate import text_quality
+    from cusprun_edge.prune.vocab import logits_batch
 
-    q = text_quality(logits_fn, own_tok, texts, dense_tok, batch_size=max(1, int(4 * 49152 / vocab)))
+    q = text_quality(logits_fn, own_tok, texts, dense_tok, batch_size=logits_batch(vocab))
     return {k: q[k] for k in ("ppl_per_dense_token", "bits_per_byte", "ppl", "tokens", "dense_tokens")}
 
 
@@ -218,25 +219,27 @@ def size_points(model_name: str, sizes: list[int]) -> dict:
     token on the held-apart tune documents (PyTorch fp32) and its ratio to the untrimmed model's, with the
     coverage of those documents. The tune split only: this is where the keep rule and floor are judged."""
     from cusprun_edge.config.corpora import ExpertSpec, calibration_documents
-    from cusprun_edge.measure.evaluate import clip_to_tokens, text_quality, torch_logits_fn
+    from cusprun_edge.measure.evaluate import clip_to_tokens
     from cusprun_edge.model.load import load_model
-    from cusprun_edge.model.tokenizer_trim import trim_tokenizer
-    from cusprun_edge.prune.vocab import KeepRule, coverage, expert_languages, trimmed_logits_fn
+    from cusprun_edge.prune.vocab import (
+        KeepRule,
+        coverage,
+        expert_languages,
+        trimmed_quality,
+        untrimmed_quality,
+    )
 
     model, tok = load_model(model_name)
     corpora = ExpertSpec.parse(SPEC).corpora()
     rule = KeepRule(tok, calibration_documents(corpora), expert_languages(corpora))
     tune = clip_to_tokens(tok, [t for c in corpora.values() for t in c.tune], MAX_TOKENS)
-    dense = text_quality(torch_logits_fn(model), tok, tune, tok, batch_size=max(1, int(4 * 49152 / len(tok))))
+    dense = untrimmed_quality(model, tok, tune)
     rows = {"untrimmed": {"ppl_per_dense_token": round(dense["ppl_per_dense_token"], 4)}}
     for size in sizes:
-        keep = rule.keep(size)
-        new_tok, new_to_old = trim_tokenizer(tok, keep)
-        q = text_quality(trimmed_logits_fn(model, new_to_old), new_tok, tune, tok,
-                         batch_size=max(1, int(4 * 49152 / len(new_to_old))), max_length=4 * MAX_TOKENS)
+        q = trimmed_quality(model, tok, rule, tune, size, MAX_TOKENS)
         rows[str(size)] = {"ppl_per_dense_token": round(q["ppl_per_dense_token"], 4),
                            "vs_untrimmed": round(q["ppl_per_dense_token"] / dense["ppl_per_dense_token"], 4),
-                           "coverage": round(coverage(tok, keep, tune), 5), "always_kept": len(rule.base)}
+                           "coverage": round(coverage(tok, rule.keep(size), tune), 5), "always_kept": len(rule.base)}
         print(size, rows[str(size)], file=sys.stderr, flush=True)
     path = RESULTS / "vocab.json"
     data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}

@@ -154,20 +154,20 @@ def test_gemma_norms_without_transposes_and_one_gelu_node(exports):
     FastGelu per layer; fp32 parity above holds."""
     import onnx
 
-    for case in ("gemma3-dense",):
-        graph = onnx.load(str(exports[case][2] / "model.onnx"), load_external_data=False).graph
-        producer = {o: n.op_type for n in graph.node for o in n.output}
-        consumers = {}
-        for n in graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n.op_type)
-        norms = [n for n in graph.node if n.op_type == "SimplifiedLayerNormalization"]
-        assert len(norms) > 2 * sum(n.op_type == "GroupQueryAttention" for n in graph.node), case
-        beside = [n.name for n in norms
-                  if producer.get(n.input[0]) == "Transpose" or "Transpose" in consumers.get(n.output[0], [])]
-        assert beside == [], case
-        assert sum(n.op_type == "FastGelu" for n in graph.node) == len(norms) // 4 > 0, case  # one per layer
-        assert not any(n.op_type == "Tanh" for n in graph.node), case
+    graph = onnx.load(str(exports["gemma3-dense"][2] / "model.onnx"), load_external_data=False).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    layers = sum(n.op_type == "GroupQueryAttention" for n in graph.node)
+    norms = [n for n in graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert layers > 0 and len(norms) > 2 * layers
+    beside = [n.name for n in norms
+              if producer.get(n.input[0]) == "Transpose" or "Transpose" in consumers.get(n.output[0], [])]
+    assert beside == []
+    assert sum(n.op_type == "FastGelu" for n in graph.node) == layers  # one per layer
+    assert not any(n.op_type == "Tanh" for n in graph.node)
 
 
 def test_precision_specifics(exports):

@@ -122,7 +122,7 @@ class KeepRule:
                             f"byte pieces; scripts: {scripts}): trimming its vocabulary cannot keep that text "
                             "readable; drop --prune-vocab")
         self.required = required_ids(tj, chat) | {i for i in tokenizer.all_special_ids if i is not None}
-        self.parents = bpe_pieces(tj)
+        self.pieces = bpe_pieces(tj)
         letter_free = {i for i, s in enumerate(strings) if not any(c.isalpha() for c in s)}
         calib = {i for t in calib_texts for i in tokenizer(t)["input_ids"]}
         self.base = self._closed(self.required | letter_free | calib)
@@ -145,12 +145,12 @@ class KeepRule:
                 self.order.append(j)
                 continue
             stack.append((j, True))
-            stack += [(p, False) for p in self.parents.get(j, ()) if p not in seen]
+            stack += [(p, False) for p in self.pieces.get(j, ()) if p not in seen]
 
     def _closed(self, ids: set[int]) -> set[int]:
         out, todo = set(ids), list(ids)
         while todo:
-            for p in self.parents.get(todo.pop(), ()):
+            for p in self.pieces.get(todo.pop(), ()):
                 if p not in out:
                     out.add(p)
                     todo.append(p)
@@ -191,28 +191,49 @@ def trimmed_logits_fn(model, new_to_old):
     return fn
 
 
+def logits_batch(vocab: int) -> int:
+    """Documents per batch when scoring a model with `vocab` output columns: [batch, tokens, vocab] fp32 logits
+    about as large as 4 documents over SmolLM2's 49,152 columns."""
+    return max(1, int(4 * 49152 / vocab))
+
+
+def untrimmed_quality(model, tokenizer, texts: list[str]) -> dict:
+    """`texts`' perplexity per dense token and bits per byte with the model's own full vocabulary."""
+    from ..measure.evaluate import text_quality, torch_logits_fn
+
+    return text_quality(torch_logits_fn(model), tokenizer, texts, tokenizer, batch_size=logits_batch(len(tokenizer)))
+
+
+def trimmed_quality(model, tokenizer, rule: KeepRule, texts: list[str], size: int, max_tokens: int = 512) -> dict:
+    """What the size search measures at one size: `texts` (clipped to `max_tokens` dense tokens) scored with the
+    vocabulary trimmed to `rule.keep(size)`, per dense token; the model is not copied."""
+    from ..measure.evaluate import text_quality
+    from ..model.tokenizer_trim import trim_tokenizer
+
+    new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size))
+    q = text_quality(trimmed_logits_fn(model, new_to_old), new_tok, texts, tokenizer,
+                     batch_size=logits_batch(len(new_to_old)), max_length=4 * max_tokens)
+    return {"size": len(new_to_old), "ppl_per_dense_token": q["ppl_per_dense_token"], "bits_per_byte": q["bits_per_byte"]}
+
+
 def choose_size(model, tokenizer, rule: KeepRule, tune: list[str], floor: float = DEFAULT_FLOOR,
                 max_tokens: int = 512, on_point=None) -> dict:
     """The smallest grid size whose tune perplexity per dense token stays within `floor` x the untrimmed
     model's (bisection; perplexity falls as the vocabulary grows). Returns the search record; its `size` is
     None when no grid size below the full vocabulary passes."""
-    from ..measure.evaluate import clip_to_tokens, text_quality, torch_logits_fn
-    from ..model.tokenizer_trim import trim_tokenizer
+    from ..measure.evaluate import clip_to_tokens
 
     if floor < 1.0:
         raise UserError(f"--vocab-floor {floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
     texts = clip_to_tokens(tokenizer, tune, max_tokens)
-    batch = max(1, int(4 * 49152 / rule.vocab_size))  # [batch, tokens, vocab] fp32 logits
-    dense = text_quality(torch_logits_fn(model), tokenizer, texts, tokenizer, batch_size=batch)
+    dense = untrimmed_quality(model, tokenizer, texts)
     limit = floor * dense["ppl_per_dense_token"]
     grid = [s for s in SIZE_GRID if len(rule.base) <= s < rule.vocab_size]
     points = []
 
     def passes(size: int) -> bool:
-        new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size))
-        q = text_quality(trimmed_logits_fn(model, new_to_old), new_tok, texts, tokenizer,
-                         batch_size=max(1, int(4 * 49152 / len(new_to_old))), max_length=4 * max_tokens)
-        point = {"size": len(new_to_old), "ppl_per_dense_token": q["ppl_per_dense_token"],
+        q = trimmed_quality(model, tokenizer, rule, texts, size, max_tokens)
+        point = {"size": q["size"], "ppl_per_dense_token": q["ppl_per_dense_token"],
                  "ratio": q["ppl_per_dense_token"] / dense["ppl_per_dense_token"], "bits_per_byte": q["bits_per_byte"],
                  "passed": q["ppl_per_dense_token"] <= limit}
         points.append(point)
