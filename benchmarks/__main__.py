@@ -1,5 +1,5 @@
 """`python -m benchmarks [quality|frontier|speed|defaults|all] [--quick] [--model M --settings a,b]` writes
-results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks vocab` vocabulary trimming; `python -m benchmarks gguf` the expert as GGUF in llama.cpp; `python -m benchmarks scale` memory and time on 1B-8B stand-ins; `python -m benchmarks default-vs-builder BUILD` a build's expert vs the builder."""
+results/*.json and RESULTS.md (each part resumes where it stopped: finished rows and points are kept); `python -m benchmarks builder [--also LABEL=DIR]` compares our int4 export with GenAI's builder; `python -m benchmarks merge DIR...` merges runs made side by side in their own folders; `python -m benchmarks mc` measures multiple-choice retention item by item; `python -m benchmarks prune-cost` the prune stage's time and memory; `python -m benchmarks vocab` vocabulary trimming; `python -m benchmarks int4-parts` where the int4 fast plan loses quality; `python -m benchmarks gguf` the expert as GGUF in llama.cpp; `python -m benchmarks scale` memory and time on 1B-8B stand-ins; `python -m benchmarks default-vs-builder BUILD` a build's expert vs the builder."""
 
 import argparse
 import os
@@ -52,6 +52,11 @@ def main() -> None:
         from . import vocab
 
         vocab.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["int4-parts"]:  # where the int4 fast plan loses quality, part by part (int4_parts.py)
+        from . import int4_parts
+
+        int4_parts.main(sys.argv[2:])
         return
     if sys.argv[1:2] == ["scale"]:  # peak memory and time on stand-ins of 1B-8B models (benchmarks/scale.py)
         from . import scale

@@ -7,7 +7,11 @@ and bits per byte (evaluate.per_dense_token) of dense PyTorch fp32, the trimmed 
 int4 export; ONNX Runtime GenAI's builder int4 on the dense model (baseline.py) beside it, and decode
 tokens/s of the two int4 artifacts in alternating rounds of one run (each reading the same prompt text
 with its own tokenizer). `--ratio` prunes with cusprun (its defaults) before trimming; 0 isolates the
-vocabulary. Writes results/vocab.json (one entry per model/setting/ratio/plan; a rerun replaces it)."""
+vocabulary. Writes results/vocab.json (one entry per model/setting/ratio/plan; a rerun replaces it).
+
+`--head-bound EXPERT_DIR --dense DIR` times a built expert beside copies of it with a smaller lm_head (results/vocab.json
+"head_bound": runs are appended): how much faster any vocabulary could make it.
+"""
 
 from __future__ import annotations
 
@@ -248,6 +252,93 @@ def size_points(model_name: str, sizes: list[int]) -> dict:
     return rows
 
 
+def cut_head(src: Path, dst: Path, rows: int) -> Path:
+    """A copy of the int4 artifact `src` whose lm_head (and the embedding that reads its rows) keeps only its first
+    `rows` rows: it generates through onnxruntime_genai at the speed of a vocabulary that size, though not the text
+    of one. For speed bounds only."""
+    import shutil
+
+    import onnx_ir as ir
+
+    from cusprun_edge.export.common import MANIFEST_FILE
+    from cusprun_edge.export.package import write_manifest
+    from cusprun_edge.export.passes import save_onnx
+
+    config = json.loads((src / "genai_config.json").read_text())
+    vocab = config["model"]["vocab_size"]
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"), dirs_exist_ok=True)
+    model = ir.load(src / "model.onnx")
+    cut: set[str] = set()
+    for node in model.graph:
+        if node.op_type != "MatMulNBits" or node.attributes["N"].value != vocab:
+            continue
+        node.attributes["N"] = ir.AttrInt64("N", rows)
+        for value in node.inputs[1:]:  # weight, scales, zero points: whole rows, first dimension or flattened
+            if value is None or value.const_value is None or value.name in cut:
+                continue
+            array = value.const_value.numpy()
+            per_row = array.shape[0] // vocab
+            value.const_value = ir.tensor(np.ascontiguousarray(array[:rows * per_row]), name=value.name)
+            value.shape = ir.Shape(value.const_value.shape)
+            cut.add(value.name)
+    if not cut:
+        raise SystemExit(f"{src}: no lm_head MatMulNBits with N = {vocab}")
+    for name, value in model.graph.initializers.items():  # the shared embedding's row view
+        if name.endswith(("data_shape", "scales_shape")):
+            shape = value.const_value.numpy().copy()
+            shape[0] = rows
+            value.const_value = ir.tensor(shape, name=name)
+    model.graph.outputs[0].shape = None
+    save_onnx(model, dst / "model.onnx")
+    config["model"]["vocab_size"] = rows
+    (dst / "genai_config.json").write_text(json.dumps(config, indent=2))
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    manifest.setdefault("notes", []).append(f"lm_head cut to its first {rows} rows by benchmarks/vocab.cut_head, "
+                                            "for a speed bound: it does not compute the text of any vocabulary")
+    write_manifest(dst, manifest, time.perf_counter())  # the files' new sizes and hashes
+    return dst
+
+
+def head_bound(model_name: str, expert: Path, dense: Path, rows: list[int], rounds: int = 7) -> dict:
+    """How fast the expert `expert` could decode with a smaller vocabulary: copies of it with the lm_head cut to each
+    of `rows` (cut_head), beside it, the dense artifact `dense` and the GenAI builder's, in alternating rounds of one
+    run (benchmarks.builder.speed). With a few hundred rows the copy bounds every vocabulary from above. Also the
+    head size at which the expert would decode 2.0x the faster dense artifact, if a step's time is linear in the
+    head's rows between the expert's size and the smallest cut."""
+    from cusprun_edge.measure.baseline import builder_or_reason
+
+    from .builder import SPEED as BUILDER_SPEED
+    from .builder import speed
+
+    vocab = json.loads((expert / "genai_config.json").read_text())["model"]["vocab_size"]
+    builder, why = builder_or_reason(model_name)
+    if builder is None:
+        raise SystemExit(f"the GenAI builder's artifact: {why}")
+    artifacts = {"genai-builder int4": Path(builder), "dense": dense, f"expert ({vocab:,} tokens)": expert}
+    for n in rows:
+        artifacts[f"expert, lm_head cut to {n:,} rows"] = cut_head(expert, WORK / "head-bound" / str(n), n)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    measured = speed(artifacts, {**BUILDER_SPEED, "rounds": rounds})
+    rates = {k: v["decode_tok_s"] for k, v in measured.items()}
+    faster_dense = max(rates["genai-builder int4"], rates["dense"])
+    share = {k: faster_dense / v for k, v in rates.items()}  # a step's time, as a share of the faster dense one's
+    smallest = min(rows)
+    per_row = (share[f"expert ({vocab:,} tokens)"] - share[f"expert, lm_head cut to {smallest:,} rows"]) / (vocab - smallest)
+    floor = share[f"expert, lm_head cut to {smallest:,} rows"]
+    entry = {"date": started, "machine": machine(), "expert": str(expert), "dense": str(dense),
+             "settings": {**BUILDER_SPEED, "rounds": rounds},
+             "decode_tok_s": {k: round(v, 1) for k, v in rates.items()},
+             "vs_faster_dense": {k: round(1 / v, 3) for k, v in share.items()},
+             "rounds": {k: [round(x, 1) for x in v["decode_tok_s_runs"]] for k, v in measured.items()},
+             "rows_for_2x": int(smallest + (0.5 - floor) / per_row) if floor < 0.5 and per_row > 0 else 0}
+    path = RESULTS / "vocab.json"
+    data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
+    data.setdefault("head_bound", {}).setdefault(model_name, []).append(entry)
+    write_json("vocab.json", data)
+    return entry
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks vocab")
     p.add_argument("--model", default="gemma3-270m")
@@ -260,8 +351,19 @@ def main(argv: list[str]) -> None:
     p.add_argument("--speed-only", default="", help="only decode speed, for this entry of vocab.json")
     p.add_argument("--coverage", default="", help="only the tokenizer's coverage table at these comma-separated sizes")
     p.add_argument("--size-points", default="", help="only the size search's tune measure at these comma-separated sizes")
+    p.add_argument("--head-bound", default="", metavar="EXPERT_DIR",
+                   help="only the decode speed of this int4 expert with its lm_head cut to --rows, beside --dense and "
+                   "the builder's artifact")
+    p.add_argument("--dense", default="", help="--head-bound: our dense int4 artifact")
+    p.add_argument("--rows", default="32768,256", help="--head-bound: the lm_head sizes to cut to")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
+    if a.head_bound:
+        if not a.dense:
+            p.error("--head-bound needs --dense DIR")
+        entry = head_bound(a.model, Path(a.head_bound), Path(a.dense), [int(x) for x in a.rows.split(",")])
+        print(json.dumps({k: entry[k] for k in ("vs_faster_dense", "rows_for_2x")}, indent=1))
+        return
     if a.speed_only:
         print(json.dumps(speed_only(a.model, a.speed_only), indent=1))
         return

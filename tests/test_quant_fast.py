@@ -65,3 +65,25 @@ def test_unknown_plan_is_refused(tmp_path):
     with pytest.raises(UserError, match="quantization plan 'fastest' is unknown"):
         export_model(model, tok, "x86-cpu", tmp_path / "x", precision="int4", quant_plan="fastest")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_head_cut_for_speed_bounds_keeps_its_rows_logits_and_generates(fast_export, tmp_path):
+    """benchmarks/vocab.cut_head: the copy that times a smaller vocabulary computes the first rows' logits
+    unchanged, and onnxruntime_genai runs it."""
+    import json
+
+    from test_export import genai_greedy
+
+    from benchmarks.vocab import cut_head
+
+    _, _, out, _ = fast_export
+    vocab = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
+    rows = vocab // 2
+    cut = cut_head(out, tmp_path / "cut", rows)
+    ids = np.array([[1, 5, 9, rows - 1, 7]])
+    full = OnnxCausalLM(out, threads=1).forward(ids)[0]
+    part = OnnxCausalLM(cut, threads=1).forward(ids)[0]
+    assert part.shape[-1] == rows and full.shape[-1] == vocab
+    np.testing.assert_allclose(part, full[..., :rows], atol=1e-4)
+    generated = genai_greedy(cut, [1, 5, 9], 4)
+    assert len(generated) == 4 and max(generated) < rows
