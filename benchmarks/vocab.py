@@ -303,9 +303,9 @@ def cut_head(src: Path, dst: Path, rows: int) -> Path:
 def head_bound(model_name: str, expert: Path, dense: Path, rows: list[int], rounds: int = 7) -> dict:
     """How fast the expert `expert` could decode with a smaller vocabulary: copies of it with the lm_head cut to each
     of `rows` (cut_head), beside it, the dense artifact `dense` and the GenAI builder's, in alternating rounds of one
-    run (benchmarks.builder.speed). With a few hundred rows the copy bounds every vocabulary from above. Also the
-    head size at which the expert would decode 2.0x the faster dense artifact, if a step's time is linear in the
-    head's rows between the expert's size and the smallest cut."""
+    run (benchmarks.builder.speed). With a few hundred rows a copy bounds every vocabulary from above. Each run is
+    appended to vocab.json "head_bound", and head_fit refits a step's time against the head's rows over every run of
+    the same expert (one run on this machine is too noisy to read alone)."""
     from cusprun_edge.measure.baseline import builder_or_reason
 
     from .builder import SPEED as BUILDER_SPEED
@@ -316,27 +316,41 @@ def head_bound(model_name: str, expert: Path, dense: Path, rows: list[int], roun
     if builder is None:
         raise SystemExit(f"the GenAI builder's artifact: {why}")
     artifacts = {"genai-builder int4": Path(builder), "dense": dense, f"expert ({vocab:,} tokens)": expert}
+    head_rows = {f"expert ({vocab:,} tokens)": vocab}
     for n in rows:
-        artifacts[f"expert, lm_head cut to {n:,} rows"] = cut_head(expert, WORK / "head-bound" / str(n), n)
+        label = f"expert, lm_head cut to {n:,} rows"
+        artifacts[label], head_rows[label] = cut_head(expert, WORK / "head-bound" / str(n), n), n
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     measured = speed(artifacts, {**BUILDER_SPEED, "rounds": rounds})
     rates = {k: v["decode_tok_s"] for k, v in measured.items()}
     faster_dense = max(rates["genai-builder int4"], rates["dense"])
-    share = {k: faster_dense / v for k, v in rates.items()}  # a step's time, as a share of the faster dense one's
-    smallest = min(rows)
-    per_row = (share[f"expert ({vocab:,} tokens)"] - share[f"expert, lm_head cut to {smallest:,} rows"]) / (vocab - smallest)
-    floor = share[f"expert, lm_head cut to {smallest:,} rows"]
     entry = {"date": started, "machine": machine(), "expert": str(expert), "dense": str(dense),
-             "settings": {**BUILDER_SPEED, "rounds": rounds},
+             "settings": {**BUILDER_SPEED, "rounds": rounds}, "head_rows": head_rows,
              "decode_tok_s": {k: round(v, 1) for k, v in rates.items()},
-             "vs_faster_dense": {k: round(1 / v, 3) for k, v in share.items()},
-             "rounds": {k: [round(x, 1) for x in v["decode_tok_s_runs"]] for k, v in measured.items()},
-             "rows_for_2x": int(smallest + (0.5 - floor) / per_row) if floor < 0.5 and per_row > 0 else 0}
+             "vs_faster_dense": {k: round(v / faster_dense, 3) for k, v in rates.items()},
+             "rounds": {k: [round(x, 1) for x in v["decode_tok_s_runs"]] for k, v in measured.items()}}
     path = RESULTS / "vocab.json"
     data = json.loads(path.read_text()) if path.exists() else {"about": __doc__.strip(), "runs": {}}
-    data.setdefault("head_bound", {}).setdefault(model_name, []).append(entry)
+    runs = data.setdefault("head_bound", {}).setdefault(model_name, [])
+    runs.append(entry)
+    data.setdefault("head_fit", {})[model_name] = head_fit([r for r in runs if r["expert"] == str(expert)])
     write_json("vocab.json", data)
-    return entry
+    return data["head_fit"][model_name]
+
+
+def head_fit(runs: list[dict], target: float = 2.0) -> dict:
+    """Least squares over every run and expert copy: a decode step's time, as a share of the faster dense artifact's
+    step in the same run, against the lm_head's rows. Gives the share no head can remove, the share per 10,000 rows,
+    and the head size at which the expert decodes `target` x the faster dense artifact."""
+    points = [(run["head_rows"][label], 1 / run["vs_faster_dense"][label]) for run in runs for label in run["head_rows"]]
+    x, y = np.array(points, dtype=float).T
+    slope, fixed = np.polyfit(x, y, 1)
+    sizes = sorted({int(v) for v in x})
+    return {"runs": len(runs), "points": len(points), "dates": [run["date"] for run in runs],
+            "fixed_share": round(float(fixed), 4), "share_per_10k_rows": round(float(slope * 1e4), 4),
+            "residual_sd": round(float(np.std(y - (fixed + slope * x))), 4),
+            "fitted_vs_faster_dense": {str(n): round(float(1 / (fixed + slope * n)), 3) for n in [0, *sizes]},
+            f"rows_for_{target:g}x": int((1 / target - fixed) / slope) if slope > 0 and fixed < 1 / target else 0}
 
 
 def main(argv: list[str]) -> None:
@@ -356,13 +370,15 @@ def main(argv: list[str]) -> None:
                    "the builder's artifact")
     p.add_argument("--dense", default="", help="--head-bound: our dense int4 artifact")
     p.add_argument("--rows", default="32768,256", help="--head-bound: the lm_head sizes to cut to")
+    p.add_argument("--rounds", type=int, default=7, help="--head-bound: alternating rounds")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.head_bound:
         if not a.dense:
             p.error("--head-bound needs --dense DIR")
-        entry = head_bound(a.model, Path(a.head_bound), Path(a.dense), [int(x) for x in a.rows.split(",")])
-        print(json.dumps({k: entry[k] for k in ("vs_faster_dense", "rows_for_2x")}, indent=1))
+        entry = head_bound(a.model, Path(a.head_bound), Path(a.dense), [int(x) for x in a.rows.split(",")],
+                           a.rounds)
+        print(json.dumps(entry, indent=1))
         return
     if a.speed_only:
         print(json.dumps(speed_only(a.model, a.speed_only), indent=1))

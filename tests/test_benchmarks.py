@@ -98,3 +98,21 @@ def test_mc_retention_pairs_items_and_its_error_shrinks_with_more_items():
     _, mean_large, _, se_large = retention_se([d for d, _ in large], [e for _, e in large], rounds=2000)
     assert abs(mean_large - 0.8) < 0.03 and se_large < se_small / 5
     assert mean_small == np.mean([e.mean() / d.mean() for d, e in small])
+
+
+def test_head_fit_reads_a_steps_fixed_share_and_the_head_size_for_a_target_speedup():
+    from benchmarks.vocab import head_fit
+
+    def run(noise):  # a step costs 0.4 of the dense one's plus 0.03 per 10,000 head rows
+        rows = {"expert (90,000 tokens)": 90000, "cut 30,000": 30000, "cut 256": 256}
+        return {"date": "d", "head_rows": rows,
+                "vs_faster_dense": {k: 1 / (0.4 + 3e-6 * n + noise) for k, n in rows.items()}}
+
+    fit = head_fit([run(0.01), run(-0.01)])
+    assert fit["runs"] == 2 and fit["points"] == 6
+    assert abs(fit["fixed_share"] - 0.4) < 1e-3 and abs(fit["share_per_10k_rows"] - 0.03) < 1e-3
+    assert abs(fit["rows_for_2x"] - 33333) < 50  # (0.5 - 0.4) / 3e-6
+    assert abs(fit["fitted_vs_faster_dense"]["0"] - 2.5) < 0.01
+    # a fixed share above half: no head size reaches 2x
+    assert head_fit([{"date": "d", "head_rows": {"e": 1000, "c": 10},
+                      "vs_faster_dense": {"e": 1 / 0.61, "c": 1 / 0.6}}])["rows_for_2x"] == 0
