@@ -208,7 +208,7 @@ def coverage_table(model_name: str, sizes: list[int]) -> dict:
     rows = {"dense": {"tokens_per_word": round(tokens_per_word(tok, texts), 4)}}
     for size in sizes:
         keep = rule.keep(size)
-        new_tok, _ = trim_tokenizer(tok, keep)
+        new_tok, _ = trim_tokenizer(tok, keep, rule.pieces)
         rows[str(size)] = {"coverage": round(coverage(tok, keep, texts), 5),
                            "tokens_per_word": round(tokens_per_word(new_tok, texts), 4)}
     path = RESULTS / "vocab.json"
@@ -266,7 +266,6 @@ def cut_head(src: Path, dst: Path, rows: int) -> Path:
 
     config = json.loads((src / "genai_config.json").read_text())
     vocab = config["model"]["vocab_size"]
-    dst.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data"), dirs_exist_ok=True)
     model = ir.load(src / "model.onnx")
     cut: set[str] = set()
@@ -305,7 +304,7 @@ def head_bound(model_name: str, expert: Path, dense: Path, rows: list[int], roun
     of `rows` (cut_head), beside it, the dense artifact `dense` and the GenAI builder's, in alternating rounds of one
     run (benchmarks.builder.speed). With a few hundred rows a copy bounds every vocabulary from above. Each run is
     appended to vocab.json "head_bound", and head_fit refits a step's time against the head's rows over every run of
-    the same expert (one run on this machine is too noisy to read alone)."""
+    the same expert (one run on this machine is too noisy to read alone), which it returns."""
     from cusprun_edge.measure.baseline import builder_or_reason
 
     from .builder import SPEED as BUILDER_SPEED
@@ -376,9 +375,8 @@ def main(argv: list[str]) -> None:
     if a.head_bound:
         if not a.dense:
             p.error("--head-bound needs --dense DIR")
-        entry = head_bound(a.model, Path(a.head_bound), Path(a.dense), [int(x) for x in a.rows.split(",")],
-                           a.rounds)
-        print(json.dumps(entry, indent=1))
+        fit = head_bound(a.model, Path(a.head_bound), Path(a.dense), [int(x) for x in a.rows.split(",")], a.rounds)
+        print(json.dumps(fit, indent=1))
         return
     if a.speed_only:
         print(json.dumps(speed_only(a.model, a.speed_only), indent=1))

@@ -176,13 +176,12 @@ def prune(
     from . import outputs
     from .config.corpora import ExpertSpec
     from .prune.pruner import prune_and_save, prunes_layer_by_layer
-    from .prune.registry import check_options, check_ratio, get_method
+    from .prune.registry import check_options, check_ratio, check_vocab_options, get_method
     from .prune.score import ScoreSet, score_model
     from .prune.vocab import vocab_held_out
 
     check_ratio(ratio)
-    if (vocab_size is not None or vocab_floor is not None) and not prune_vocab:
-        raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
+    check_vocab_options(prune_vocab, vocab_size, vocab_floor)
     spec = get_method(method)
     expert_spec = ExpertSpec.parse(expert)
     out = outputs.check_output(out, kind="dir", force=force, owner=outputs.EXPERT,

@@ -12,7 +12,7 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
     """Every check that needs no model, with one line naming the fix; returns cfg."""
     from ..config.targets import FORMATS, resolve_target
     from ..export.quant_plan import PLANS
-    from ..prune.registry import check_options, check_ratio
+    from ..prune.registry import check_options, check_ratio, check_vocab_options
     from .search import check_target
 
     check_ratio(cfg.ratio)
@@ -29,12 +29,7 @@ def check_config(cfg: BuildConfig) -> BuildConfig:
         raise UserError("--beat-baseline needs the baseline: drop --no-baseline")
     if cfg.beat_baseline and cfg.max_ppl_ratio is not None:
         raise UserError("--beat-baseline and --max-ppl-ratio each choose the ratio: pass one of them")
-    if (cfg.vocab_size is not None or cfg.vocab_floor is not None) and not cfg.prune_vocab:
-        raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
-    if cfg.vocab_size is not None and cfg.vocab_size < 1:
-        raise UserError(f"--vocab-size {cfg.vocab_size} must be a positive number of tokens")
-    if cfg.vocab_floor is not None and cfg.vocab_floor < 1.0:
-        raise UserError(f"--vocab-floor {cfg.vocab_floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
+    check_vocab_options(cfg.prune_vocab, cfg.vocab_size, cfg.vocab_floor)
     if cfg.quant_plan not in PLANS:
         raise UserError(f"--quant-plan '{cfg.quant_plan}' is unknown; choose {' or '.join(PLANS)}")
     if cfg.max_ppl_ratio is not None:

@@ -128,6 +128,16 @@ def check_ratio(ratio: float) -> None:
         raise UserError(f"--ratio must be in (0, {RATIO_MAX}], got {ratio}")
 
 
+def check_vocab_options(prune_vocab: bool, size: int | None, floor: float | None) -> None:
+    """--vocab-size and --vocab-floor, for `build` (and its recipes), `prune` and the size search alike."""
+    if (size is not None or floor is not None) and not prune_vocab:
+        raise UserError("--vocab-size and --vocab-floor apply to vocabulary trimming; add --prune-vocab")
+    if size is not None and size < 1:
+        raise UserError(f"--vocab-size {size} must be a positive number of tokens")
+    if floor is not None and floor < 1.0:
+        raise UserError(f"--vocab-floor {floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
+
+
 # What each scorer reads from the options besides MethodSpec fields (see the score_* functions in methods.py).
 SCORER_OPTIONS = {
     "cusprun": {"tau": "a number in (0, 1]", "aggregate": ("mean", "rms")},

@@ -108,7 +108,7 @@ class KeepRule:
     """The tokens a trimmed vocabulary keeps for a size (see the module docstring); `keep(size)`."""
 
     def __init__(self, tokenizer, calib_texts: list[str], languages: list[str], words: int = WORDFREQ_WORDS):
-        from ..model.tokenizer_trim import bpe_pieces, required_ids
+        from ..model.tokenizer_trim import bpe_pieces, close_under_merges, required_ids
 
         tj = json.loads(tokenizer.backend_tokenizer.to_str())
         chat = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
@@ -125,7 +125,7 @@ class KeepRule:
         self.pieces = bpe_pieces(tj)
         letter_free = {i for i, s in enumerate(strings) if not any(c.isalpha() for c in s)}
         calib = {i for t in calib_texts for i in tokenizer(t)["input_ids"]}
-        self.base = self._closed(self.required | letter_free | calib)
+        self.base = close_under_merges(self.pieces, self.required | letter_free | calib)
         freq = word_token_frequencies(tokenizer, languages, words)
         ranked = sorted((i for i in range(self.vocab_size) if i not in self.base), key=lambda i: (-freq.get(i, 0.0), i))
         # each candidate after the pieces its BPE derivation needs, so any prefix of the order is a closed set
@@ -146,15 +146,6 @@ class KeepRule:
                 continue
             stack.append((j, True))
             stack += [(p, False) for p in self.pieces.get(j, ()) if p not in seen]
-
-    def _closed(self, ids: set[int]) -> set[int]:
-        out, todo = set(ids), list(ids)
-        while todo:
-            for p in self.pieces.get(todo.pop(), ()):
-                if p not in out:
-                    out.add(p)
-                    todo.append(p)
-        return out
 
     def check_size(self, size: int) -> None:
         if size < len(self.required):
@@ -210,7 +201,7 @@ def trimmed_quality(model, tokenizer, rule: KeepRule, texts: list[str], size: in
     from ..measure.evaluate import text_quality
     from ..model.tokenizer_trim import trim_tokenizer
 
-    new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size))
+    new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size), rule.pieces)
     q = text_quality(trimmed_logits_fn(model, new_to_old), new_tok, texts, tokenizer,
                      batch_size=logits_batch(len(new_to_old)), max_length=4 * max_tokens)
     return {"size": len(new_to_old), "ppl_per_dense_token": q["ppl_per_dense_token"], "bits_per_byte": q["bits_per_byte"]}
@@ -222,9 +213,9 @@ def choose_size(model, tokenizer, rule: KeepRule, tune: list[str], floor: float 
     model's (bisection; perplexity falls as the vocabulary grows). Returns the search record; its `size` is
     None when no grid size below the full vocabulary passes."""
     from ..measure.evaluate import clip_to_tokens
+    from .registry import check_vocab_options
 
-    if floor < 1.0:
-        raise UserError(f"--vocab-floor {floor} is below 1.0; a trimmed vocabulary cannot beat the untrimmed one")
+    check_vocab_options(True, None, floor)
     texts = clip_to_tokens(tokenizer, tune, max_tokens)
     dense = untrimmed_quality(model, tokenizer, texts)
     limit = floor * dense["ppl_per_dense_token"]
@@ -353,7 +344,7 @@ def trim_vocab_for_corpora(model, tokenizer, calib_texts: list[str], *, corpora:
                       "always_kept": len(rule.base), "size_search": search, "coverage": {},
                       "note": f"no grid size below {rule.vocab_size} tokens stays within {floor}x on the tune split"}
             return tokenizer, record
-    new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size))
+    new_tok, new_to_old = trim_tokenizer(tokenizer, rule.keep(size), rule.pieces)
     broken = round_trip_failures(tokenizer, new_tok, HOSTILE + calib_texts[:8])
     if broken:  # a bug of ours, not the user's input
         raise RuntimeError(f"the trimmed tokenizer does not reproduce {len(broken)} texts, e.g. {broken[0][:40]!r}")
